@@ -1,0 +1,150 @@
+"""Runs trials on Ray core: a pool of long-lived worker actors, each running many trials.
+
+Why not Ray Tune: a Tune trial is an actor of its own and pays actor start + `import torch` (6-9 s
+measured on 2 cores) per trial, far more than a teacher-student trial's compute. Here a worker
+imports torch once and runs trials back to back; each trial streams its metric records back (a Ray
+generator, batched about once a second) and the driver alone talks to MLflow. A worker that dies
+(RayActorError, node loss) is replaced and its trial rerun as attempt + 1, up to `max_retries` times.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class TrialWorker:
+    """Imports torch and the trainers once; runs any number of trials, one at a time."""
+
+    def __init__(self):
+        import torch  # noqa: F401  (the expensive import, paid once per worker)
+
+        import trainers  # noqa: F401
+        self._run_trial = trainers.run_trial
+
+    def info(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def run(self, config: dict, flush_s: float = 1.0):
+        """Yields {"records": [...]} batches; the last one has done=True, its compute seconds, and
+        `error` (a traceback) if the trainer raised: that fails this trial, not the worker."""
+        start = last = time.monotonic()
+        batch: list = []
+        try:
+            for record in self._run_trial(config):
+                batch.append(record)
+                now = time.monotonic()
+                if now - last >= flush_s:
+                    yield {"records": batch, "done": False}
+                    batch, last = [], now
+            yield {"records": batch, "done": True, "compute_s": time.monotonic() - start, "error": None}
+        except Exception:  # noqa: BLE001 - reported as this trial's failure
+            yield {"records": batch, "done": True, "compute_s": time.monotonic() - start,
+                   "error": traceback.format_exc(limit=20)}
+
+
+@dataclass
+class Job:
+    """One trial being run: `trial` is the caller's object, `attempt` counts from 1."""
+    trial: object
+    attempt: int = 1
+    worker: object = None
+    info: dict = field(default_factory=dict)
+    stream: object = None
+    state: object = None  # the caller's per-attempt state (its MLflow run handle)
+
+
+@dataclass
+class Callbacks:
+    start: Callable[[Job], object]               # a job starts on a worker; returns per-attempt state
+    records: Callable[[Job, list], None]         # a batch of metric records arrived
+    finish: Callable[[Job, dict], None]          # the last batch: {"compute_s", "error"}
+    retry: Callable[[Job, str], None]            # the worker died; this attempt is abandoned
+    give_up: Callable[[Job, str], None]          # the worker died and no retries are left
+    tick: Callable[[int], None] = lambda running: None  # called about twice a second
+
+
+class WorkerPool:
+    def __init__(self, n_workers: int, cpu: float, gpu: float, max_retries: int):
+        self.options = dict(num_cpus=cpu, num_gpus=gpu, max_concurrency=1)
+        self.max_retries = max_retries
+        self.workers = [self._new_worker() for _ in range(n_workers)]
+        self.replaced = 0
+
+    def _new_worker(self):
+        return TrialWorker.options(**self.options).remote()
+
+    def run(self, trials: list, cb: Callbacks) -> None:
+        queue = [Job(t) for t in trials]
+        queue.reverse()  # pop() takes them in grid order
+        idle = list(self.workers)
+        infos: dict = {}
+        running: dict = {}  # stream -> Job
+        while queue or running:
+            while idle and queue:
+                job, worker = queue.pop(), idle.pop()
+                job.worker = worker
+                key = id(worker)
+                if key not in infos:
+                    infos[key] = self._info(worker)
+                job.info = infos.get(key) or {}
+                job.state = cb.start(job)
+                job.stream = worker.run.remote(job.trial.config)
+                running[job.stream] = job
+            if not running:
+                continue
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for stream in ready:
+                job = running[stream]
+                try:
+                    item = ray.get(next(stream))
+                except StopIteration:
+                    item = {"records": [], "done": True, "compute_s": None, "error": "worker stream ended early"}
+                except RayActorError as e:
+                    del running[stream]
+                    self.replaced += 1
+                    replacement = self._new_worker()
+                    self.workers = [replacement if w is job.worker else w for w in self.workers]
+                    idle.append(replacement)
+                    reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                    if job.attempt <= self.max_retries:
+                        cb.retry(job, reason)
+                        queue.append(Job(job.trial, attempt=job.attempt + 1))
+                    else:
+                        cb.give_up(job, reason)
+                    continue
+                except RayError as e:  # the task itself broke (e.g. records that cannot be pickled)
+                    item = {"records": [], "done": True, "compute_s": None, "error": f"{type(e).__name__}: {e}"}
+                if item["records"]:
+                    cb.records(job, item["records"])
+                if item["done"]:
+                    del running[stream]
+                    cb.finish(job, item)
+                    idle.append(job.worker)
+            cb.tick(len(running))
+
+    def _info(self, worker) -> dict:
+        """Node id and GPU ids of a worker (tags on its trials); waits for it to start."""
+        try:
+            return ray.get(worker.info.remote(), timeout=600)
+        except (RayError, GetTimeoutError) as e:
+            log.warning("worker info unavailable: %s", e)
+            return {}
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001
+                pass

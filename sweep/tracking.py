@@ -1,0 +1,192 @@
+"""MLflow tracking, written only by the driver.
+
+Why one writer: workers return metric records and the driver logs them, so trainers and workers know
+nothing of MLflow, the store sees one client, and a briefly unreachable server is handled in one
+place. Calls go through an ordered queue drained by one thread: metrics in `log_batch` chunks (<= 1000
+per call), every call retried with backoff for up to `retry_s`, so an outage delays logging and loses
+nothing. Run ids come from the server, so each trial holds a RunHandle filled in when its run exists.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+# Our own retry loop is the one that waits out an outage; the client's built-in retries (7, with
+# exponential backoff) would only hide it for minutes per call.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # and its extra get_run per run end
+
+from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+log = logging.getLogger(__name__)
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass
+class RunHandle:
+    """A child run that may not exist on the server yet (its creation waits in the queue)."""
+    run_id: str | None = None
+    deleted: bool = False
+    metrics_logged: int = 0
+
+
+@dataclass
+class _Op:
+    name: str
+    fn: Callable[[], Any]
+    handle: RunHandle | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Tracker:
+    def __init__(self, uri: str, retry_s: float = 300.0):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.retry_s = retry_s
+        self.errors: list[str] = []
+        self.outage_s = 0.0
+        self._q: queue.Queue[_Op | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    # ---- synchronous calls (setup, resume, report), retried like the queued ones
+    def call(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        return self._retry(lambda: fn(*args, **kwargs), getattr(fn, "__name__", "call"))
+
+    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+        start, delay = time.monotonic(), 0.25
+        while True:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - any failure of the tracking server is retried
+                waited = time.monotonic() - start
+                if waited > self.retry_s or _is_client_error(e):
+                    raise
+                log.warning("tracking call %s failed (%s); retrying in %.1fs", what, _short(e), delay)
+                time.sleep(delay)
+                self.outage_s += delay
+                delay = min(delay * 2, 5.0)
+
+    # ---- queued calls, in order
+    def _put(self, name: str, fn: Callable[[], Any], handle: RunHandle | None = None) -> _Op:
+        op = _Op(name, fn, handle)
+        self._q.put(op)
+        return op
+
+    def _drain(self) -> None:
+        while True:
+            op = self._q.get()
+            if op is None:
+                return
+            try:
+                if op.handle is None or not op.handle.deleted or op.name == "delete":
+                    self._retry(op.fn, op.name)
+            except Exception as e:  # noqa: BLE001
+                msg = f"{op.name}: {_short(e)}"
+                log.error("tracking gave up on %s", msg)
+                self.errors.append(msg)
+            finally:
+                op.done.set()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        return self._put("flush", lambda: None).done.wait(timeout)
+
+    def pending(self) -> int:
+        return self._q.qsize()
+
+    def close(self, timeout: float | None = None) -> None:
+        self.flush(timeout)
+        self._q.put(None)
+        self._thread.join(timeout=5)
+
+    # ---- experiment and runs
+    def experiment_id(self, name: str) -> str:
+        exp = self.call(self.client.get_experiment_by_name, name)
+        if exp is not None and exp.lifecycle_stage == "active":
+            return exp.experiment_id
+        if exp is not None:  # deleted earlier: bring it back rather than fail on the name
+            self.call(self.client.restore_experiment, exp.experiment_id)
+            return exp.experiment_id
+        return self.call(self.client.create_experiment, name)
+
+    def search(self, experiment_id: str, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.call(self.client.search_runs, [experiment_id], filter_string,
+                             ViewType.ACTIVE_ONLY, 1000, None, token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def find_parent(self, experiment_id: str, sweep_id: str):
+        runs = self.search(experiment_id, f"tags.`sweep.id` = '{sweep_id}'")
+        parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+        return parents[0] if parents else None
+
+    def create_parent(self, experiment_id: str, run_name: str, tags: dict) -> str:
+        run = self.call(self.client.create_run, experiment_id, tags=tags, run_name=run_name)
+        return run.info.run_id
+
+    def children(self, experiment_id: str, parent_id: str) -> list:
+        return self.search(experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+    def start_child(self, experiment_id: str, parent_id: str, run_name: str, tags: dict,
+                    params: dict) -> RunHandle:
+        handle = RunHandle()
+
+        def create():
+            run = self.client.create_run(experiment_id, tags={PARENT_TAG: parent_id, **tags}, run_name=run_name)
+            handle.run_id = run.info.run_id
+            items = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+                self._retry(lambda: self.client.log_batch(handle.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH]),
+                            "log_params")
+        self._put("create_run", create, handle)
+        return handle
+
+    def log_metrics(self, handle: RunHandle, metrics: Iterable[tuple[str, float, int]]) -> None:
+        """(key, value, step) triples, sent in chunks of <= 1000."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
+            chunk = items[i:i + MAX_METRICS_PER_BATCH]
+
+            def send(chunk=chunk):
+                self.client.log_batch(handle.run_id, metrics=chunk)
+                handle.metrics_logged += len(chunk)
+            self._put("log_metrics", send, handle)
+
+    def set_tags(self, handle: RunHandle, tags: dict) -> None:
+        self._put("set_tags", lambda: self.client.log_batch(
+            handle.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), handle)
+
+    def end(self, handle: RunHandle, status: str) -> None:
+        self._put("end_run", lambda: self.client.set_terminated(handle.run_id, status), handle)
+
+    def delete(self, handle: RunHandle) -> None:
+        """Soft-delete a run (a dead attempt): queued ops for it are skipped from now on."""
+        handle.deleted = True
+        self._put("delete", lambda: handle.run_id and self.client.delete_run(handle.run_id), handle)
+
+
+def _is_client_error(e: Exception) -> bool:
+    """A 4xx answer means the request itself is wrong: retrying cannot help."""
+    code = getattr(e, "error_code", "")
+    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                    "BAD_REQUEST", "INVALID_STATE")
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
