@@ -1,0 +1,288 @@
+"""The Compose cluster's files obey the security rules of issue 5, and Compose itself accepts them.
+
+No Docker engine exists on these machines, so the files are checked two ways: parsed here (the rules
+below), and validated by Debian's `docker-compose config -q` (installed by .ci/run; its absence is a
+failure in CI and a skip elsewhere). Each rule is checked on what Compose would actually run: the
+files merged the way `docker compose -f compose.yaml -f compose.cpu.yaml` merges them.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+BASE = DOCKER / "compose.yaml"
+CPU = DOCKER / "compose.cpu.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+DOCKERFILE = DOCKER / "Dockerfile"
+GCS_PORT = 6379
+POSTGRES_PORT = 5432
+SECRETS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
+# Values that stand in for the secrets when Compose validates the files (never real ones).
+DUMMY_ENV = {"RAY_AUTH_TOKEN": "dummy-token-for-validation", "POSTGRES_PASSWORD": "dummy-password-for-validation"}
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def merge(base, override):
+    """Compose's merge rule for these files: mappings merge key by key, lists append, scalars replace."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = merge(base[key], value) if key in base else value
+        return out
+    if isinstance(base, list) and isinstance(override, list):
+        return base + override
+    return override
+
+
+def services(*paths: Path) -> dict:
+    config: dict = {}
+    for path in paths:
+        config = merge(config, load(path))
+    return config["services"]
+
+
+STACKS = {"gpu": (BASE,), "cpu": (BASE, CPU)}
+
+
+def active(svcs: dict, profiles=()) -> dict:
+    """The services `up` starts when the given profiles are enabled."""
+    return {n: s for n, s in svcs.items() if not s.get("profiles") or set(s["profiles"]) & set(profiles)}
+
+
+def published(port) -> tuple[str | None, str]:
+    """(host_ip, container port) of one `ports:` entry, short or long syntax."""
+    if isinstance(port, dict):
+        return port.get("host_ip"), str(port["target"])
+    parts = re.sub(r"\$\{[^}]*\}", "HOSTPORT", str(port)).split(":")
+    container = parts[-1].split("/")[0]
+    if len(parts) == 3:
+        return parts[0], container
+    return None, container  # "HOST:CONTAINER" or "CONTAINER": all interfaces
+
+
+def env_of(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return env
+
+
+def command_of(service: dict) -> str:
+    parts = []
+    for key in ("entrypoint", "command"):
+        value = service.get(key) or []
+        parts.extend(value if isinstance(value, list) else [value])
+    return " ".join(map(str, parts))
+
+
+def runs_ray(service: dict) -> bool:
+    return "ray start" in command_of(service)
+
+
+def bytes_of(size: str) -> float:
+    size = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(size)).strip().lower()  # take the default
+    number, unit = re.fullmatch(r"([\d.]+)\s*([kmg]?)b?", size).groups()
+    return float(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_published_ports_bind_loopback_only(stack):
+    svcs = services(*STACKS[stack])
+    seen = []
+    for name, svc in svcs.items():
+        assert svc.get("network_mode") != "host", f"{name} uses the host network: it would publish every port"
+        for port in svc.get("ports", []):
+            host_ip, container = published(port)
+            assert host_ip == "127.0.0.1", f"{name} publishes {port!r} beyond loopback"
+            seen.append((name, container))
+    # Exactly the two UIs, nothing else.
+    assert sorted(seen) == [("mlflow", "5000"), ("ray-head", "8265")]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_postgres_and_ray_gcs_are_never_published(stack):
+    svcs = services(*STACKS[stack])
+    head = command_of(svcs["ray-head"])
+    assert f"--port={GCS_PORT}" in head
+    for name, svc in svcs.items():
+        containers = {published(p)[1] for p in svc.get("ports", [])}
+        assert str(GCS_PORT) not in containers and str(POSTGRES_PORT) not in containers, name
+    assert "ports" not in svcs["postgres"]
+    # PostgreSQL sits only on the internal network, which only MLflow shares.
+    networks = load(BASE)["networks"]
+    assert svcs["postgres"]["networks"] == ["backend"] and networks["backend"]["internal"] is True
+    on_backend = sorted(n for n, s in svcs.items() if "backend" in (s.get("networks") or []))
+    assert on_backend == ["mlflow", "postgres"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_ray_process_requires_the_token_from_env(stack):
+    ray_services = {n: s for n, s in services(*STACKS[stack]).items() if runs_ray(s)}
+    assert {"ray-head", "ray-worker", "sweep"} <= set(ray_services)
+    for name, svc in ray_services.items():
+        env = env_of(svc)
+        assert env.get("RAY_AUTH_MODE") == "token", name
+        # Taken from docker/.env, required (":?"), never a literal.
+        assert re.fullmatch(r"\$\{RAY_AUTH_TOKEN:\?[^}]+\}", env.get("RAY_AUTH_TOKEN", "")), name
+
+
+def test_gpu_worker_reserves_gpus_and_shared_memory():
+    svcs = services(BASE)
+    worker = svcs["ray-worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] for d in devices)
+    assert bytes_of(worker["shm_size"]) >= 2**30, "Ray's object store lives in /dev/shm"
+    assert "replicas" not in worker.get("deploy", {}) and "container_name" not in worker, "must scale with --scale"
+    assert "profiles" not in worker, "the GPU worker starts with a plain `up`"
+    # The head schedules no trials: zero CPUs and GPUs for Ray.
+    head = command_of(svcs["ray-head"])
+    assert "--head" in head and "--block" in head and "--num-cpus=0" in head and "--num-gpus=0" in head
+    assert "--address=ray-head:6379" in command_of(worker) and "--block" in command_of(worker)
+
+
+def test_cpu_override_parks_the_gpu_worker_and_adds_a_cpu_one():
+    cpu = services(BASE, CPU)
+    started = active(cpu)
+    assert "ray-worker" not in started, "a GPU reservation fails on a machine without NVIDIA runtime"
+    worker = started["ray-worker-cpu"]
+    assert "deploy" not in worker and "--num-gpus=0" in command_of(worker)
+    assert "--address=ray-head:6379" in command_of(worker)
+    assert bytes_of(worker["shm_size"]) >= 2**30
+    for name, svc in started.items():
+        assert "deploy" not in svc or "devices" not in str(svc["deploy"]), f"{name} still asks for a GPU"
+    assert cpu["ray-worker-cpu"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # The GPU stack starts the GPU worker and not the CPU one.
+    assert set(active(services(BASE))) == {"postgres", "mlflow", "ray-head", "ray-worker"}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_services_stateful_parts_live_in_named_volumes(stack):
+    svcs = services(*STACKS[stack])
+    volumes = load(BASE)["volumes"]
+    assert "pgdata:/var/lib/postgresql/data" in svcs["postgres"]["volumes"]
+    assert set(volumes) >= {"pgdata", "mlartifacts"}
+    assert "pg_isready" in " ".join(svcs["postgres"]["healthcheck"]["test"])
+    mlflow = svcs["mlflow"]
+    cmd = command_of(mlflow)
+    assert "--serve-artifacts" in cmd and "--artifacts-destination=/mlflow/artifacts" in cmd
+    assert "mlartifacts:/mlflow/artifacts" in mlflow["volumes"]
+    assert "--workers=1" in cmd and env_of(mlflow)["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    allowed = re.search(r"--allowed-hosts=(\S+)", cmd).group(1).split(",")
+    assert "mlflow:5000" in allowed and "127.0.0.1:*" in allowed and "*" not in allowed
+    assert "/health" in " ".join(mlflow["healthcheck"]["test"])
+    assert env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"].startswith(
+        "postgresql://mlflow:${POSTGRES_PASSWORD:?") and "@postgres:5432/mlflow" in env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"]
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_sweep_service_runs_the_cli_against_the_cluster():
+    sweep = services(BASE)["sweep"]
+    assert sweep["profiles"] == ["sweep"]
+    cmd = command_of(sweep)
+    assert "python -m sweep cluster=remote tracking=server" in cmd
+    assert "cluster.address=ray-head:6379" in cmd and "tracking.uri=http://mlflow:5000" in cmd
+    assert '"$$@"' in cmd, "arguments of `compose run --rm sweep ...` must reach Hydra"
+    assert sweep["command"] == ["+experiment=mnist_gain"]
+    # The Hydra options the command names exist.
+    assert (ROOT / "conf/cluster/remote.yaml").exists() and (ROOT / "conf/tracking/server.yaml").exists()
+
+
+def test_no_secret_is_committed():
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#"))
+    for name in SECRETS:
+        assert example[name] == "", f"{ENV_EXAMPLE.name} must leave {name} empty"
+    text = "\n".join(p.read_text() for p in (BASE, CPU, DOCKERFILE))
+    for name in SECRETS:
+        # Every assignment of a secret is an interpolation from docker/.env, never a value.
+        for value in re.findall(rf"(?<![{{\w]){name}:\s*(\S+)", text):
+            assert value.startswith("${" + name + ":?"), f"{name} is set to a literal: {value}"
+    assert not re.search(r"postgresql://\w+:[^$@]+@", text), "a database password in a URI"
+    assert "**/.env" in (ROOT / ".dockerignore").read_text().split()
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT)
+        assert ignored.returncode == 0, "docker/.env must be git-ignored"
+
+
+def test_dockerfile_installs_dependencies_before_sources_and_bakes_mnist():
+    lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines()]
+    app = lines[next(i for i, ln in enumerate(lines) if ln.startswith("FROM python AS app")):]
+    first = lambda prefix: next(i for i, ln in enumerate(app) if ln.startswith(prefix))  # noqa: E731
+    torch_i, deps_i = first('RUN pip install ${TORCH_INDEX_URL'), first("RUN pip install -r /tmp/requirements.txt")
+    bake_i, src_i = first("COPY trainers/data.py"), first("COPY sweep/")
+    assert torch_i < deps_i < bake_i < src_i, "cache order: torch, dependencies, MNIST, sources"
+    # The torch pin matches the one `make` installs.
+    make_pin = re.search(r"^TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"ARG TORCH_SPEC={make_pin}" in app
+    assert "USER app" in app
+    ignore = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert ignore[0] == "*" and {"!pyproject.toml", "!sweep/", "!trainers/", "!conf/"} <= set(ignore)
+
+
+def test_dockerfile_bake_step_resolves_mnist(tmp_path):
+    """Run the Dockerfile's own bake command the way the build does (data.py alone, empty cache)."""
+    text = DOCKERFILE.read_text()
+    code = re.search(r'python -c "(import data;[^"]+)"', text).group(1)
+    shutil.copy(ROOT / "trainers/data.py", tmp_path / "data.py")
+    env = {**os.environ, "CURVATURE_SWEEP_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(60000, 28, 28) (10000, 28, 28)" in out.stdout
+    assert (tmp_path / "cache" / "mnist.npz").stat().st_size > 50e6
+
+
+# ---------------------------------------------------------------- Compose's own validation
+def docker_compose() -> str:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("docker-compose is missing in CI: .ci/run installs Debian's docker-compose")
+        pytest.skip("docker-compose not installed (apt-get install docker-compose); CI always runs this")
+    return exe
+
+
+def compose(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([docker_compose(), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def clean_env(**extra) -> dict:
+    # A developer's own docker/.env or shell secrets must not leak in: callers pass --env-file .env.example.
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("COMPOSE_")}
+    return env | extra
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_docker_compose_config_validates(stack):
+    files = [a for p in STACKS[stack] for a in ("-f", str(p.relative_to(ROOT)))]
+    out = compose(*files, "--env-file", str(ENV_EXAMPLE), "config", "-q", env=clean_env(**DUMMY_ENV))
+    assert out.returncode == 0, out.stderr
+    # What Compose resolves keeps the rules: ports on loopback, the GPU worker parked on CPU machines.
+    resolved = yaml.safe_load(compose(*files, "--env-file", str(ENV_EXAMPLE), "config",
+                                      env=clean_env(**DUMMY_ENV)).stdout)["services"]
+    for name, svc in resolved.items():
+        for port in svc.get("ports", []):
+            assert published(port)[0] == "127.0.0.1", (name, port)
+    assert ("gpu" in resolved["ray-worker"].get("profiles", [])) == (stack == "cpu")
+    assert resolved["ray-head"]["environment"]["RAY_AUTH_TOKEN"] == DUMMY_ENV["RAY_AUTH_TOKEN"]
+
+
+@pytest.mark.parametrize("missing", SECRETS)
+def test_a_missing_secret_stops_compose_with_a_message_naming_it(missing):
+    env = clean_env(**{k: v for k, v in DUMMY_ENV.items() if k != missing})
+    out = compose("-f", "docker/compose.yaml", "--env-file", str(ENV_EXAMPLE), "config", "-q", env=env)
+    assert out.returncode != 0
+    assert f"set {missing} in docker/.env" in out.stderr
