@@ -103,6 +103,8 @@ def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float) 
 def psd_power_apply(mat: torch.Tensor, rhs: torch.Tensor, q: float, damping: float = 0.0,
                     rtol: float | None = None, *, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
     """``f(mat) @ rhs`` for a symmetric PSD ``mat`` (n x n) and ``rhs`` (n or n x k), in ``dtype``."""
+    if math.isinf(q):
+        return rhs.to(dtype)
     n = mat.shape[-1]
     rtol = default_rtol(n) if rtol is None else rtol
     evals, evecs = eigh_psd(mat, dtype=dtype)

@@ -1,0 +1,275 @@
+"""CurvaturePreconditioner vs dense Gauss-Newton matrices built here with torch.func (issue 2, section 2).
+
+The dense reference: per-sample Jacobians of the outputs w.r.t. all parameters (jacrev), per-sample
+output Hessians of the loss (torch.func.hessian), G = 1/B sum_n J_n^T H_n J_n, eigh, and the gradient
+from autograd: nothing shared with the code under test.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, hessian, jacrev
+
+from trainers.matrix_functions import CurvatureOverflowError, ExplodingUpdateWarning
+from trainers.mlp_curvature import CurvaturePreconditioner
+
+F64 = torch.float64
+INF = float("inf")
+
+
+def tiny_mlp(seed, widths=(5, 4, 4, 3), dtype=F64):
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers).to(dtype)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.bias.uniform_(0.2, 0.6)     # keep ReLUs mostly on, away from the kink
+    return model
+
+
+def per_sample_loss(loss, f, y):
+    if loss == "cross_entropy":
+        return F.cross_entropy(f[None], y[None])
+    return 0.5 * (f - y).square().sum()
+
+
+def layer_layout(model):
+    """Per Linear layer: the (out, in+1) layout [W | b] the preconditioner's directions use."""
+    return [(f"{i}.weight", f"{i}.bias", m.out_features, m.in_features)
+            for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+
+
+def dense_ggn(model, x, y, loss):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    layout = layer_layout(model)
+    bsz = x.shape[0]
+    blocks = []
+    for n in range(bsz):
+        jac = jacrev(lambda p: functional_call(model, p, (x[n:n + 1],))[0])(params)
+        f = functional_call(model, params, (x[n:n + 1],))[0].detach()
+        h = hessian(lambda ff: per_sample_loss(loss, ff, y[n]))(f)
+        cols = [torch.cat([jac[wk].reshape(-1, o, i), jac[bk].reshape(-1, o, 1)], 2).reshape(h.shape[0], -1)
+                for wk, bk, o, i in layout]
+        jn = torch.cat(cols, 1)
+        blocks.append(jn.T @ h @ jn)
+    ggn = sum(blocks) / bsz
+
+    def batch_loss(p):
+        out = functional_call(model, p, (x,))
+        return sum(per_sample_loss(loss, out[n], y[n]) for n in range(bsz)) / bsz
+
+    grads = torch.func.grad(batch_loss)(params)
+    g = torch.cat([torch.cat([grads[wk], grads[bk][:, None]], 1).reshape(-1) for wk, bk, _, _ in layout])
+    sizes = [o * (i + 1) for _, _, o, i in layout]
+    return ggn, g, sizes
+
+
+def dense_power(h, v, q, eps):
+    if math.isinf(q):
+        return v
+    e, vecs = torch.linalg.eigh(h)
+    if eps > 0:
+        f = (e.clamp_min(0) + eps) ** (-1 / q)
+    else:
+        keep = e > h.shape[0] * torch.finfo(F64).eps * e.max()
+        f = torch.where(keep, e.clamp_min(1e-300) ** (-1 / q), torch.zeros_like(e))
+    return vecs @ (f * (vecs.T @ v))
+
+
+def preconditioned(model, x, y, **kw):
+    pre = CurvaturePreconditioner(model, **kw)
+    model.zero_grad()
+    loss = pre.forward_backward(x, y)
+    pre.precondition()
+    flat = torch.cat([torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).reshape(-1)
+                      for m in model if isinstance(m, nn.Linear)])
+    return flat, loss, pre
+
+
+def batch(loss, bsz, seed, n_in=5, n_out=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, n_in, generator=gen, dtype=F64)
+    if loss == "cross_entropy":
+        return x, torch.randint(0, n_out, (bsz,), generator=gen)
+    return x, torch.randn(bsz, n_out, generator=gen, dtype=F64)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_full_rule_matches_dense_ggn_power(loss):
+    model = tiny_mlp(0)
+    x, y = batch(loss, 4, 1)
+    ggn, g, _ = dense_ggn(model, x, y, loss)
+    for q in [1.0, 1.5, 2.0, 3.0, INF]:
+        for eps in [0.0, 1e-3]:
+            got, _, _ = preconditioned(model, x, y, q=q, structure="full", damping=eps, loss=loss)
+            want = dense_power(ggn, g, q, eps)
+            assert float((got - want).norm() / want.norm()) <= 1e-6, (q, eps)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_block_rule_matches_dense_ggn_blocks_at_batch_1(loss):
+    """At B = 1 the Kronecker factorisation of each GGN block is exact, so the rule is exact."""
+    model = tiny_mlp(2)
+    x, y = batch(loss, 1, 3)
+    ggn, g, sizes = dense_ggn(model, x, y, loss)
+    d = len(sizes)
+    for q in [1.0, 2.0, 3.0, INF]:
+        for eps in [0.0, 1e-3]:
+            got, _, _ = preconditioned(model, x, y, q=q, structure="block", damping=eps, loss=loss)
+            parts, o = [], 0
+            for s in sizes:
+                scale = 1.0 if math.isinf(q) else d ** (-1 / q)
+                parts.append(scale * dense_power(ggn[o:o + s, o:o + s], g[o:o + s], q, eps))
+                o += s
+            want = torch.cat(parts)
+            assert float((got - want).norm() / want.norm()) <= 1e-6, (q, eps)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_kronecker_factors_are_the_exact_ggn_factors_for_a_batch(loss):
+    """A_l = mean abar abar^T and G_l = mean_n J_(z_l),n^T H_n J_(z_l),n from explicit Jacobians (B > 1)."""
+    model = tiny_mlp(4)
+    x, y = batch(loss, 6, 5)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", loss=loss)
+    pre.forward_backward(x, y)
+    factors = pre.kronecker_factors()
+    lin_idx = [i for i, m in enumerate(model) if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for (a_got, g_got), idx in zip(factors, lin_idx):
+            inp = model[:idx](x)                       # layer input
+            abar = torch.cat([inp, torch.ones(len(x), 1, dtype=F64)], 1)
+            a_want = abar.T @ abar / len(x)
+            z = model[:idx + 1](x)                     # pre-activation of this layer
+            g_want = 0
+            for n in range(len(x)):
+                jz = jacrev(model[idx + 1:])(z[n])     # d f / d z_l
+                h = hessian(lambda ff: per_sample_loss(loss, ff, y[n]))(model(x[n:n + 1])[0])
+                g_want = g_want + jz.T @ h @ jz / len(x)
+            assert torch.allclose(a_got, a_want, rtol=1e-10, atol=1e-12)
+            assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+    # and the block rule at B > 1 is exactly the power of A (x) G applied to the gradient
+    ggn, g, sizes = dense_ggn(model, x, y, loss)
+    got, _, _ = preconditioned(model, x, y, q=2.0, structure="block", loss=loss)
+    o, parts = 0, []
+    for (a, gf), s in zip(factors, sizes):
+        kron = torch.kron(gf, a)                        # row-major vec of the (out, in+1) layout
+        parts.append(dense_power(kron, g[o:o + s], 2.0, 0.0) / math.sqrt(len(sizes)))
+        o += s
+    want = torch.cat(parts)
+    assert float((got - want).norm() / want.norm()) <= 1e-6
+
+
+def test_thin_input_factor_when_batch_is_smaller_than_the_layer():
+    """Layer 1 with 12+1 inputs and B = 4: A_1 has rank 4; the rule must still be exact (B = 1 too)."""
+    model = tiny_mlp(6, widths=(12, 5, 3))
+    x, y = batch("cross_entropy", 1, 7, n_in=12)
+    ggn, g, sizes = dense_ggn(model, x, y, "cross_entropy")
+    got, _, pre = preconditioned(model, x, y, q=2.0, structure="block")
+    assert pre.last_info["factor_ranks"][0][1] == 1
+    o, parts = 0, []
+    for s in sizes:
+        parts.append(dense_power(ggn[o:o + s, o:o + s], g[o:o + s], 2.0, 0.0) / math.sqrt(2))
+        o += s
+    want = torch.cat(parts)
+    assert float((got - want).norm() / want.norm()) <= 1e-6
+
+
+def test_sgd_setting_leaves_the_gradient_and_works_with_a_stock_optimizer():
+    model = tiny_mlp(8)
+    x, y = batch("cross_entropy", 5, 9)
+    _, g, _ = dense_ggn(model, x, y, "cross_entropy")
+    got, loss, _ = preconditioned(model, x, y, q=INF, structure="block")
+    assert torch.allclose(got, g, rtol=1e-12, atol=1e-14)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-12)
+    # a stock SGD loop with the full sqrtNGD preconditioner lowers the loss
+    pre = CurvaturePreconditioner(model, q=2.0, structure="full")
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    first = None
+    for _ in range(20):
+        opt.zero_grad()
+        loss = pre.forward_backward(x, y)
+        pre.precondition()
+        opt.step()
+        first = first if first is not None else float(loss)
+    assert float(loss) < 0.5 * first
+
+
+def orthogonal_mlp(widths, gain, seed):
+    torch.manual_seed(seed)
+    model = tiny_mlp(seed, widths, dtype=torch.float32)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight, gain=gain)
+                m.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("structure, gain", [("block", 1e-6), ("full", 1e-6), ("full", 1e-2)])
+def test_sqrt_ngd_from_tiny_gain_without_damping(structure, gain):
+    """Paper S.I.3: sqrtNGD-d needs no damping at gain 1e-6 (factors ~1e-36 in float32).
+
+    Full sqrtNGD stays finite at 1e-6 too, but there the GGN spectrum spans ~1e-36 (the last bias
+    has Jacobian 1, the weights ~1e-18): the Moore-Penrose cut-off relative to the largest eigenvalue
+    keeps only the bias directions, so it learns the class prior and stalls (docs/curvature.md).
+    """
+    model = orthogonal_mlp((20, 16, 12, 8, 4), gain, 10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(32, 20, generator=gen)
+    y = torch.randint(0, 4, (32,), generator=gen)
+    pre = CurvaturePreconditioner(model, q=2.0, structure=structure)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(60):
+            opt.zero_grad()
+            losses.append(float(pre.forward_backward(x, y)))
+            pre.precondition()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+            opt.step()
+    freq = torch.bincount(y, minlength=4).double() / len(y)
+    prior = float(-(freq * freq.log()).sum())                   # best loss with biases alone
+    if (structure, gain) == ("full", 1e-6):
+        assert losses[-1] == pytest.approx(prior, abs=1e-3)      # learned the biases only
+    else:
+        assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ngd_d_at_gain_1e6_says_damping_is_needed():
+    widths = (20, 16, 12, 8, 4)
+    x = torch.randn(32, 20)
+    y = torch.randint(0, 4, (32,))
+    pre = CurvaturePreconditioner(orthogonal_mlp(widths, 1e-6, 12), q=1.0, structure="block")
+    pre.forward_backward(x, y)
+    with pytest.raises((CurvatureOverflowError, ExplodingUpdateWarning), match="damping"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ExplodingUpdateWarning)
+            pre.precondition()
+    model = orthogonal_mlp(widths, 1e-6, 12)
+    pre = CurvaturePreconditioner(model, q=1.0, structure="block", damping=1e-3)
+    pre.forward_backward(x, y)
+    pre.precondition()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bad_model_or_settings_are_named():
+    with pytest.raises(ValueError, match="Tanh"):
+        CurvaturePreconditioner(nn.Sequential(nn.Linear(3, 3), nn.Tanh()), q=2.0, structure="block")
+    with pytest.raises(ValueError, match="bias"):
+        CurvaturePreconditioner(nn.Sequential(nn.Linear(3, 3, bias=False)), q=2.0, structure="block")
+    with pytest.raises(ValueError, match="structure"):
+        CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="kfac")
+    with pytest.raises(ValueError, match="loss"):
+        CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="block", loss="hinge")
+    with pytest.raises(RuntimeError, match="forward_backward"):
+        CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="block").precondition()

@@ -1,0 +1,103 @@
+"""Pure matrix functions vs torch.linalg references (pinv, solve, matrix_rank, dense kron)."""
+
+import math
+
+import pytest
+import torch
+
+from trainers.matrix_functions import (
+    default_rtol,
+    eigh_psd,
+    kron_power_apply,
+    psd_power_apply,
+    spectral_factor,
+    validate_rule,
+)
+
+F64 = torch.float64
+
+
+def rank_deficient_psd(gen, n, rank, scale=1.0):
+    z = torch.randn(n, rank, generator=gen, dtype=F64)
+    return scale * z @ z.T
+
+
+def test_ngd_power_is_the_moore_penrose_inverse():
+    gen = torch.Generator().manual_seed(0)
+    a = rank_deficient_psd(gen, 7, 4)
+    b = torch.randn(7, 3, generator=gen, dtype=F64)
+    got = psd_power_apply(a, b, q=1.0)
+    assert torch.allclose(got, torch.linalg.pinv(a, hermitian=True) @ b, rtol=1e-9, atol=1e-10)
+
+
+def test_sqrt_power_squares_to_the_pseudo_inverse():
+    gen = torch.Generator().manual_seed(1)
+    a = rank_deficient_psd(gen, 6, 3)
+    half = psd_power_apply(a, torch.eye(6, dtype=F64), q=2.0)
+    assert torch.allclose(half @ half, torch.linalg.pinv(a, hermitian=True), rtol=1e-9, atol=1e-10)
+    q3 = psd_power_apply(a, torch.eye(6, dtype=F64), q=3.0)
+    assert torch.allclose(q3 @ q3 @ q3, torch.linalg.pinv(a, hermitian=True), rtol=1e-8, atol=1e-10)
+
+
+def test_damping_is_levenberg_marquardt():
+    gen = torch.Generator().manual_seed(2)
+    a = rank_deficient_psd(gen, 5, 2)
+    b = torch.randn(5, generator=gen, dtype=F64)
+    got = psd_power_apply(a, b, q=1.0, damping=1e-3)
+    assert torch.allclose(got, torch.linalg.solve(a + 1e-3 * torch.eye(5, dtype=F64), b), rtol=1e-9)
+    assert torch.equal(psd_power_apply(a, b, q=math.inf), b)
+
+
+def test_default_cutoff_counts_rank_like_matrix_rank():
+    gen = torch.Generator().manual_seed(3)
+    for n, r in [(8, 3), (20, 11), (5, 5)]:
+        a = rank_deficient_psd(gen, n, r)
+        evals, _ = eigh_psd(a)
+        kept = int((spectral_factor(evals, 1.0, 0.0, default_rtol(n)) > 0).sum())
+        assert kept == int(torch.linalg.matrix_rank(a, hermitian=True)) == r
+
+
+@pytest.mark.parametrize("scale", [1e-36, 1e-300, 1.0, 1e30])
+def test_eigh_works_at_any_scale_even_from_float32(scale):
+    gen = torch.Generator().manual_seed(4)
+    a = rank_deficient_psd(gen, 6, 4)
+    ref_evals = torch.linalg.eigvalsh(a)
+    src = (a * scale).float() if 1e-37 < scale < 1e37 else a * scale   # float32 where representable
+    evals, vecs = eigh_psd(src)
+    tol = 1e-5 if src.dtype == torch.float32 else 1e-10
+    assert torch.allclose(evals / scale, ref_evals.clamp_min(0), rtol=tol, atol=tol * float(ref_evals.max()))
+    assert torch.allclose(vecs.T @ vecs, torch.eye(6, dtype=F64), atol=1e-10)
+
+
+def test_zero_matrix_gives_zero_not_nan():
+    evals, vecs = eigh_psd(torch.zeros(4, 4))
+    f = spectral_factor(evals, 1.0, 0.0, default_rtol(4))
+    assert torch.equal(f, torch.zeros(4, dtype=F64))
+    assert torch.equal(psd_power_apply(torch.zeros(3, 3), torch.ones(3), q=2.0), torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize("q, eps", [(1.0, 0.0), (2.0, 0.0), (1.5, 1e-3), (3.0, 1e-2)])
+def test_kronecker_power_matches_the_dense_kronecker_product(q, eps):
+    """f(L (x) R) applied as g -> L g R equals the dense f(kron(L, R)) on row-major vec(g)."""
+    gen = torch.Generator().manual_seed(5)
+    left, right = rank_deficient_psd(gen, 4, 3), rank_deficient_psd(gen, 5, 2)
+    g = torch.randn(4, 5, generator=gen, dtype=F64)
+    got = kron_power_apply(eigh_psd(left), eigh_psd(right), g, q, eps)
+    want = psd_power_apply(torch.kron(left, right), g.reshape(-1), q, eps).reshape(4, 5)
+    # the dense path's own reference: explicit pseudo-inverse for q = 1
+    if q == 1.0:
+        pinv = torch.linalg.pinv(torch.kron(left, right), hermitian=True)
+        assert torch.allclose(want, (pinv @ g.reshape(-1)).reshape(4, 5), rtol=1e-8, atol=1e-10)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_settings_are_validated_by_name():
+    assert validate_rule(2, 0.0, None) == 2.0
+    assert math.isinf(validate_rule(float("inf"), 0.0, None))
+    for q in [0.5, float("nan"), "two", None]:
+        with pytest.raises(ValueError, match="q"):
+            validate_rule(q, 0.0, None)
+    with pytest.raises(ValueError, match="damping"):
+        validate_rule(2.0, -1e-3, None)
+    with pytest.raises(ValueError, match="rtol"):
+        validate_rule(2.0, 0.0, -1.0)
