@@ -6,8 +6,8 @@ Knows nothing about training. Every rule of the family is ``f(H) g`` with the sp
     f(lam) = lam ** (-1/q) if lam > rtol * lam_max else 0   (damping == 0, Moore-Penrose)
 
 and ``f = 1`` for ``q = inf`` (plain gradient). With no damping the null space is dropped, never
-inverted. The default ``rtol`` is ``n * eps(float64)`` for an ``n x n`` operator, i.e. what
-``torch.linalg.matrix_rank`` uses, for the float64 matrix we decompose.
+inverted. The default ``rtol`` is ``n * eps(dtype)`` for an ``n x n`` operator decomposed in ``dtype``
+(float64 unless a caller opts into float32), i.e. what ``torch.linalg.matrix_rank`` uses.
 
 Why float64 and trace normalisation: at an initial gain of 1e-6 the curvature of a 4-layer net is
 ~1e-36, below float32's normal range, and float32 ``eigh`` then fails or returns garbage. Every
@@ -59,32 +59,33 @@ def depth_scale(q: float, d: int) -> float:
     return 1.0 if math.isinf(q) else float(d) ** (-1.0 / q)
 
 
-def eigh_psd(mat: torch.Tensor, *, dtype: torch.dtype = COMPUTE_DTYPE):
+def eigh_psd(mat: torch.Tensor, *, dtype: torch.dtype = COMPUTE_DTYPE, scale=None):
     """Eigen-decomposition of a symmetric PSD matrix at any scale.
 
-    Returns ``(evals, evecs)`` in ``dtype`` (evals ascending, clamped at 0). The matrix is divided by
-    its trace before ``eigh`` (the scale goes back into evals) so 1e-36 matrices work; a LAPACK failure
-    in a lower precision is retried in float64.
+    Returns ``(evals, evecs)``: evals ascending, clamped at 0, always float64 (so tiny scales never
+    underflow); evecs in ``dtype``. The matrix is divided by its trace before ``eigh`` (the scale goes
+    back into evals) so 1e-36 matrices work; ``scale`` says the matrix was already divided by it. A
+    LAPACK failure in a lower precision is retried in float64.
     """
     m = mat.to(dtype)
     m = 0.5 * (m + m.mT)
-    if not torch.isfinite(m).all():
+    n = m.shape[-1]
+    trace = m.diagonal().abs().sum()
+    if not torch.isfinite(trace):
         raise CurvatureOverflowError(
             "curvature matrix has NaN/Inf entries: the weights or inputs are not finite "
-            "(the run has diverged; lower optimizer.lr, set optimizer.clip, or add optimizer.damping)"
-        )
-    scale = m.diagonal().abs().sum()
-    n = m.shape[-1]
-    if scale == 0:
-        return m.new_zeros(n), torch.eye(n, dtype=dtype, device=m.device)
+            "(the run has diverged; lower optimizer.lr, set optimizer.clip, or add optimizer.damping)")
+    if trace == 0:
+        return torch.zeros(n, dtype=torch.float64, device=m.device), torch.eye(n, dtype=dtype, device=m.device)
     try:
-        evals, evecs = torch.linalg.eigh(m / scale)
+        evals, evecs = torch.linalg.eigh(m / trace)
     except torch.linalg.LinAlgError:
         if dtype == torch.float64:
-            raise
-        evals, evecs = torch.linalg.eigh((m / scale).to(torch.float64))
-        evals, evecs = evals.to(dtype), evecs.to(dtype)
-    return evals.clamp_min(0) * scale, evecs
+            raise CurvatureOverflowError("eigh failed on the curvature matrix (NaN/Inf inside?)") from None
+        evals, evecs = torch.linalg.eigh((m / trace).to(torch.float64))
+        evecs = evecs.to(dtype)
+    total = trace.to(torch.float64) * (1.0 if scale is None else float(scale))
+    return evals.to(torch.float64).clamp_min(0) * total, evecs
 
 
 def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float) -> torch.Tensor:
@@ -101,18 +102,21 @@ def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float) 
 
 
 def psd_power_apply(mat: torch.Tensor, rhs: torch.Tensor, q: float, damping: float = 0.0,
-                    rtol: float | None = None, *, dtype: torch.dtype = COMPUTE_DTYPE) -> torch.Tensor:
-    """``f(mat) @ rhs`` for a symmetric PSD ``mat`` (n x n) and ``rhs`` (n or n x k), in ``dtype``."""
+                    rtol: float | None = None, *, dtype: torch.dtype = COMPUTE_DTYPE,
+                    scale=None) -> torch.Tensor:
+    """``f(mat) @ rhs`` for a symmetric PSD ``mat`` (n x n) and ``rhs`` (n or n x k), in ``dtype``.
+
+    ``scale``: the true matrix is ``scale * mat`` (lets callers pass a normalised matrix).
+    """
     if math.isinf(q):
         return rhs.to(dtype)
     n = mat.shape[-1]
-    rtol = default_rtol(n) if rtol is None else rtol
-    evals, evecs = eigh_psd(mat, dtype=dtype)
+    rtol = default_rtol(n, dtype) if rtol is None else rtol
+    evals, evecs = eigh_psd(mat, dtype=dtype, scale=scale)
     f = spectral_factor(evals, q, damping, rtol)
-    r = rhs.to(dtype)
-    coef = evecs.mT @ r
-    coef = coef * (f if r.dim() == 1 else f[:, None])
-    return evecs @ coef
+    coef = (evecs.mT @ rhs.to(dtype)).to(torch.float64)
+    coef = coef * (f if coef.dim() == 1 else f[:, None])
+    return evecs @ coef.to(dtype)
 
 
 def kron_power_apply(left, right, g: torch.Tensor, q: float, damping: float = 0.0,
@@ -122,16 +126,20 @@ def kron_power_apply(left, right, g: torch.Tensor, q: float, damping: float = 0.
     ``left = (mu, U_L)`` and ``right = (lam, U_R)`` are eigen-decompositions of the two PSD factors
     (``U_R`` may be thin, i.e. span only the factor's range, when ``g``'s rows lie in that range).
     Returns ``U_L [(U_L^T g U_R) * F] U_R^T`` with ``F_ba = f(mu_b lam_a)``; with no damping the
-    products ``<= rtol * max product`` are dropped (default rtol: max factor size * eps(float64)).
+    products ``<= rtol * max product`` are dropped (default rtol: max factor size * eps(evecs dtype)).
+    Eigenvalues and F stay float64, so factors of 1e-36 each never underflow.
     """
     (mu, u_left), (lam, u_right) = left, right
+    dtype = u_left.dtype
     if rtol is None:
-        rtol = default_rtol(max(u_left.shape[0], u_right.shape[0]))
-    gd = g.to(u_left.dtype)
+        rtol = default_rtol(max(u_left.shape[0], u_right.shape[0]), dtype)
+    gd = g.to(dtype)
     if math.isinf(q):
         return gd
     f = spectral_factor(mu[:, None] * lam[None, :], q, damping, rtol)
-    return u_left @ ((u_left.mT @ gd @ u_right) * f) @ u_right.mT
+    core = u_left.mT @ (gd @ u_right) if u_right.shape[1] < u_right.shape[0] else (u_left.mT @ gd) @ u_right
+    core = (core.to(torch.float64) * f).to(dtype)
+    return (u_left @ core) @ u_right.mT
 
 
 def finish_directions(directions, *, out_dtype, residual_norm: float, q: float, damping: float,
@@ -142,15 +150,14 @@ def finish_directions(directions, *, out_dtype, residual_norm: float, q: float, 
     |residual| * |J|^(1 - 2/q), which explodes for q < 2 at small weights (paper section 3, S.I.3).
     """
     out = [dd.to(out_dtype) for dd in directions]
-    if not all(bool(torch.isfinite(dd).all()) for dd in out):
+    norm = math.sqrt(sum(float(dd.double().square().sum()) for dd in out))   # NaN/Inf propagate
+    if not math.isfinite(norm):
         hint = ("set optimizer.damping > 0 (paper S.I.3 used 1e-3..1e-7 for NGD-d)" if damping == 0
                 else "increase optimizer.damping")
         raise CurvatureOverflowError(
             f"the q={q:g} {what} is not finite in {out_dtype}: the curvature is too small to invert "
-            f"at this weight scale; {hint}, or use q >= 2 (sqrtNGD stays finite at tiny weights)"
-        )
+            f"at this weight scale; {hint}, or use q >= 2 (sqrtNGD stays finite at tiny weights)")
     if damping == 0 and not math.isinf(q) and residual_norm > 0:
-        norm = math.sqrt(sum(float(dd.double().square().sum()) for dd in out))
         limit = residual_norm / math.sqrt(torch.finfo(out_dtype).eps)
         if norm > limit:
             warnings.warn(

@@ -106,20 +106,10 @@ class CurvaturePreconditioner:
     def _curvature_ingredients(self, out, y, inputs, masks):
         cd = self.compute_dtype
         bsz = out.shape[0]
-        f = out.to(cd)
-        if self.loss == "cross_entropy":
-            logp = torch.log_softmax(f, dim=1)
-            p, sp = logp.exp(), (0.5 * logp).exp()
-            # S_n = diag(sqrt p) - p sqrt(p)^T; S_n u_n = p_n - e_y with the min-norm u_n = sqrt(p_n) - e_y/sqrt(p_y)
-            roots = torch.diag_embed(sp) - p[:, :, None] * sp[:, None, :]            # (B, C, C)
-            u = sp.clone()
-            u[torch.arange(bsz), y] -= (-0.5 * logp[torch.arange(bsz), y]).exp()
-        else:
-            roots = torch.eye(f.shape[1], dtype=cd, device=f.device).expand(bsz, -1, -1)
-            u = f - y.to(cd)
-        u = u / math.sqrt(bsz)
+        roots, u = _output_hessian_roots(out.to(torch.float64), y, self.loss)
+        u = (u / math.sqrt(bsz)).to(cd)
         # back-propagate the columns of S_n: delta[n, c, :] at each Linear output (pre-activation)
-        delta = roots.mT.contiguous()                                                 # (B, C cols, C)
+        delta = roots.mT.to(cd).contiguous()                                          # (B, cols, C)
         deltas, abars = [], []
         mask_i, lin_i = len(masks), len(inputs)
         for kind, mod in reversed(self.layers):
@@ -163,8 +153,11 @@ class CurvaturePreconditioner:
     def kronecker_factors(self):
         """Dense ``(A_l, G_l)`` of the last batch (for tests and diagnostics; precondition() never forms A_1)."""
         b = self._batch
-        return [(ab.mT @ ab / b["bsz"], dl.reshape(-1, dl.shape[-1]).mT @ dl.reshape(-1, dl.shape[-1]) / b["bsz"])
-                for ab, dl in zip(b["abars"], b["deltas"])]
+        out = []
+        for ab, dl in zip(b["abars"], b["deltas"]):
+            flat = dl.reshape(-1, dl.shape[-1])
+            out.append((ab.mT @ ab / b["bsz"], flat.mT @ flat / b["bsz"]))
+        return out
 
     def _block_directions(self, linears):
         b, cd = self._batch, self.compute_dtype
@@ -173,45 +166,94 @@ class CurvaturePreconditioner:
         for mod, ab, dl in zip(linears, b["abars"], b["deltas"]):
             g = torch.cat([mod.weight.grad, mod.bias.grad[:, None]], dim=1).to(cd)
             n_out, n_in = g.shape
-            rtol = default_rtol(max(n_out, n_in)) if self.rtol is None else self.rtol
-            right = _thin_gram_eig(ab / math.sqrt(bsz), rtol)
-            left = _thin_gram_eig(dl.reshape(-1, n_out) / math.sqrt(bsz), rtol)
+            rtol = default_rtol(max(n_out, n_in), cd) if self.rtol is None else self.rtol
+            right = _thin_gram_eig(ab, bsz, rtol)
+            left = _thin_gram_eig(dl.reshape(-1, n_out), bsz, rtol)
             ranks.append((left[0].numel(), right[0].numel()))
             dirs.append(scale * kron_power_apply(left, right, g, self.q, self.damping, rtol))
         self.last_info = {"structure": "block", "q": self.q, "factor_ranks": ranks}
         return dirs
 
     def _full_directions(self):
-        b = self._batch
+        b, cd = self._batch, self.compute_dtype
         bsz, u = b["bsz"], b["u"]
         ncol = u.shape[1]
-        gram = None
+        gram = torch.zeros(bsz, ncol, bsz, ncol, dtype=torch.float64, device=u.device)
         for ab, dl in zip(b["abars"], b["deltas"]):
-            flat = dl.reshape(bsz * ncol, -1)
-            term = (flat @ flat.mT).reshape(bsz, ncol, bsz, ncol) * (ab @ ab.mT)[:, None, :, None]
-            gram = term if gram is None else gram + term
-        gram = gram.reshape(bsz * ncol, bsz * ncol) / bsz
-        rtol = default_rtol(bsz * ncol) if self.rtol is None else self.rtol
-        w = psd_power_apply(gram, u.reshape(-1), self.q, self.damping, rtol).reshape(bsz, ncol)
+            sa, sd = _max_abs(ab), _max_abs(dl)
+            if sa == 0 or sd == 0:
+                continue
+            flat = dl.reshape(bsz * ncol, -1) / sd      # normalised: float32 products never underflow
+            an = ab / sa
+            term = (flat @ flat.mT).reshape(bsz, ncol, bsz, ncol) * (an @ an.mT)[:, None, :, None]
+            gram += term.to(torch.float64) * (sa * sa * sd * sd / bsz)
+        gram = gram.reshape(bsz * ncol, bsz * ncol)
+        top = float(gram.abs().max())
+        rtol = default_rtol(bsz * ncol, cd) if self.rtol is None else self.rtol
+        if top == 0:
+            w = torch.zeros_like(u)
+        else:
+            w = psd_power_apply((gram / top).to(cd), u.reshape(-1), self.q, self.damping, rtol,
+                                dtype=cd, scale=top).reshape(bsz, ncol)
         self.last_info = {"structure": "full", "q": self.q, "gram_size": bsz * ncol}
         # K w at layer l: 1/sqrt(B) sum_{n,c} w_{n,c} delta_{n,c,l} abar_{n,l}^T
         return [torch.einsum("nc,nco->on", w, dl) @ ab / math.sqrt(bsz)
                 for ab, dl in zip(b["abars"], b["deltas"])]
 
 
-def _thin_gram_eig(rows, rtol):
-    """Eigen-pairs of ``rows^T rows`` on its range, via the smaller of the two Gram matrices.
+def _output_hessian_roots(f, y, loss):
+    """Per-sample square roots R_n (B, C, r) of the output Hessian and u_n with R_n u_n = grad_f loss_n.
+
+    Softmax: H = diag(p) - p p^T has null vector 1 and rank C-1. S = diag(sqrt p) - p sqrt(p)^T has
+    S S^T = H and S sqrt(p) = 0; a Householder reflection Q_n swapping sqrt(p_n) and e_k (k = argmin p)
+    gives R_n = S_n Q_n without its (zero) k-th column: C-1 columns, so the output-space Gram is
+    B(C-1) square. u_n = Q_n^T (sqrt(p_n) - e_y / sqrt(p_y)) minus entry k, the min-norm solution
+    (1/sqrt(p_y) from log-softmax, finite for any float64 logits). Mse: R_n = I, u_n = f_n - y_n.
+    """
+    bsz, c = f.shape
+    if loss == "mse":
+        return torch.eye(c, dtype=f.dtype, device=f.device).expand(bsz, -1, -1), f - y.to(f.dtype)
+    rows = torch.arange(bsz, device=f.device)
+    logp = torch.log_softmax(f, dim=1)
+    p, sp = logp.exp(), (0.5 * logp).exp()
+    roots = torch.diag_embed(sp) - p[:, :, None] * sp[:, None, :]                    # S_n
+    u = sp.clone()
+    u[rows, y] -= (-0.5 * logp[rows, y]).exp()
+    k = p.argmin(dim=1)
+    v = sp.clone()
+    v[rows, k] -= 1.0                                                                 # sqrt(p) - e_k
+    v = v / v.norm(dim=1, keepdim=True)
+    house = torch.eye(c, dtype=f.dtype, device=f.device) - 2 * v[:, :, None] * v[:, None, :]
+    keep = torch.ones(bsz, c, dtype=torch.bool, device=f.device)
+    keep[rows, k] = False
+    roots = (roots @ house).mT[keep].reshape(bsz, c - 1, c).mT                        # (B, C, C-1)
+    u = (house @ u[:, :, None])[:, :, 0][keep].reshape(bsz, c - 1)
+    return roots, u
+
+
+def _max_abs(t):
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def _thin_gram_eig(rows, bsz, rtol):
+    """Eigen-pairs of ``rows^T rows / bsz`` on its range, via the smaller of the two Gram matrices.
 
     For B x 785 activations this is a B x B eigh (the thin SVD of ``rows``) instead of 785 x 785.
-    Eigenvalues <= rtol * max are dropped here: the gradient has no component there.
+    Eigenvalues <= rtol * max are dropped here: the gradient has no component there. Rows are divided
+    by their largest entry first so float32 Grams of 1e-24 activations do not underflow.
     """
     n, m = rows.shape
+    top = _max_abs(rows)
+    if top == 0:
+        return torch.zeros(0, dtype=torch.float64, device=rows.device), rows.new_zeros(m, 0)
+    r = rows / top
+    scale = top * top / bsz
     if m <= n:
-        return eigh_psd(rows.mT @ rows)
-    lam, vecs = eigh_psd(rows @ rows.mT)
+        return eigh_psd(r.mT @ r, dtype=rows.dtype, scale=scale)
+    lam, vecs = eigh_psd(r @ r.mT, dtype=rows.dtype, scale=scale)
     keep = lam > rtol * lam.max()
     lam, vecs = lam[keep], vecs[:, keep]
-    return lam, (rows.mT @ vecs) / lam.sqrt()
+    return lam, (r.mT @ vecs) / (lam / scale).sqrt().to(rows.dtype)
 
 
 def _set_grad(param, value):
