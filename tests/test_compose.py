@@ -183,7 +183,7 @@ def test_services_stateful_parts_live_in_named_volumes(stack):
     assert "mlflow:5000" in allowed and "127.0.0.1:*" in allowed and "*" not in allowed
     assert "/health" in " ".join(mlflow["healthcheck"]["test"])
     assert env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"].startswith(
-        "postgresql://mlflow:${POSTGRES_PASSWORD:?") and "@postgres:5432/mlflow" in env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"]
+        "postgresql+psycopg2://mlflow:${POSTGRES_PASSWORD:?") and "@postgres:5432/mlflow" in env_of(mlflow)["MLFLOW_BACKEND_STORE_URI"]
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
@@ -209,7 +209,7 @@ def test_no_secret_is_committed():
         # Every assignment of a secret is an interpolation from docker/.env, never a value.
         for value in re.findall(rf"(?<![{{\w]){name}:\s*(\S+)", text):
             assert value.startswith("${" + name + ":?"), f"{name} is set to a literal: {value}"
-    assert not re.search(r"postgresql://\w+:[^$@]+@", text), "a database password in a URI"
+    assert not re.search(r"postgresql(\+\w+)?://\w+:[^$@]+@", text), "a database password in a URI"
     assert "**/.env" in (ROOT / ".dockerignore").read_text().split()
     if (ROOT / ".git").exists() and shutil.which("git"):
         ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT)
