@@ -263,6 +263,7 @@ def test_fractional_gpu_request_reaches_ray(ray_cluster, tracking, tmp_path):
 
 def _writer(uri: str, experiment_id: str, parent: str, index: int, batches: int, keys: int, barrier, out):
     """One concurrent writer: its own run, `batches` log_batch calls of `keys` metrics each."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
@@ -283,10 +284,10 @@ def _writer(uri: str, experiment_id: str, parent: str, index: int, batches: int,
 
 def test_concurrent_writers_into_postgres_backed_server(tracking):
     """The sweep's driver is its only MLflow writer; this shows the server + PostgreSQL also take many
-    writers at once: 12 processes, released together, each logging 40 batches of 25 metrics."""
+    writers at once: 12 processes, released together, each logging 25 batches of 40 metrics."""
     from mlflow.tracking import MlflowClient
 
-    n, batches, keys = 12, 40, 25
+    n, batches, keys = 12, 25, 40
     client = MlflowClient(tracking.uri)
     exp = client.create_experiment(f"writers-{secrets.token_hex(3)}")
     parent = client.create_run(exp).info.run_id
