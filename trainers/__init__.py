@@ -1,0 +1,116 @@
+"""Trainers: plain functions of one resolved trial config (docs/DESIGN.md Contract 1) that yield metric
+records (Contract 2). They know nothing of Ray or MLflow, so a test or a notebook calls them directly::
+
+    from trainers import run_trial
+    for record in run_trial({"seed": 0, "device": "cpu",
+                             "optimizer": {"name": "sqrt_ngd", "lr": 0.02},
+                             "trainer": {"name": "linear_teacher", "gain": 0.1, "steps": 2000}}):
+        print(record)
+
+Fields left out take the defaults of the trainer's dataclass (``trainers.linear_teacher.LinearTeacherConfig``,
+``trainers.mnist_mlp.MnistMlpConfig``) and of :class:`OptimizerConfig`. Bad fields raise ``ValueError``
+naming the field and the fix before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["run_trial", "TRAINERS", "OPTIMIZERS", "OptimizerConfig", "resolve_device", "config_from_dict"]
+
+# trainer name -> module holding `run(config) -> Iterator[dict]` and its `*Config` dataclass.
+TRAINERS = {"linear_teacher": "trainers.linear_teacher", "mnist_mlp": "trainers.mnist_mlp"}
+
+# optimizer name -> (q, structure); None = q is free (fractional q-NGD).
+OPTIMIZERS = {
+    "sgd": (math.inf, "full"),
+    "ngd": (1.0, "full"),
+    "sqrt_ngd": (2.0, "full"),
+    "ngd_d": (1.0, "block"),
+    "sqrt_ngd_d": (2.0, "block"),
+    "qngd": (None, "full"),
+    "qngd_d": (None, "block"),
+}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """``optimizer:`` of a trial config. ``q`` and ``structure`` follow from ``name`` (given values must
+    agree); only ``qngd``/``qngd_d`` take ``q`` freely (>= 1). The step is ``w <- w - lr * D`` where
+    D = (H+ + damping)^(-1/q) g (block: per layer, with the 1/d^(1/q) factor), then, when ``clip`` is
+    set, the whole update lr*D is scaled down to norm ``clip``. ``rtol`` is the Moore–Penrose cut-off
+    relative to the largest eigenvalue (null = the update-rule module's default)."""
+
+    name: str = "sgd"
+    q: float = math.inf
+    structure: str = "full"
+    lr: float = 0.01
+    damping: float = 0.0
+    clip: float | None = None
+    rtol: float | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping | None) -> OptimizerConfig:
+        raw = dict(raw or {})
+        name = raw.get("name", cls.name)
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name={name!r} is not known; use one of {list(OPTIMIZERS)}")
+        q_preset, structure = OPTIMIZERS[name]
+        if "structure" in raw and raw["structure"] != structure:
+            raise ValueError(f"optimizer.structure={raw['structure']!r} contradicts optimizer.name={name!r} "
+                             f"(which means structure {structure!r}); drop the field or pick the matching name")
+        q = float(raw.get("q", 2.0 if q_preset is None else q_preset))
+        if q_preset is not None and q != q_preset:
+            raise ValueError(f"optimizer.q={q} contradicts optimizer.name={name!r} (q={q_preset}); use "
+                             f"name {'qngd' if structure == 'full' else 'qngd_d'} for a free q")
+        raw.update(name=name, q=q, structure=structure)
+        cfg = config_from_dict(cls, raw, "optimizer")
+        if not (cfg.q >= 1.0):
+            raise ValueError(f"optimizer.q={cfg.q} must be >= 1 (or .inf for sgd)")
+        if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+            raise ValueError(f"optimizer.lr={cfg.lr} must be a positive finite number")
+        if not (cfg.damping >= 0):
+            raise ValueError(f"optimizer.damping={cfg.damping} must be >= 0")
+        if cfg.clip is not None and not cfg.clip > 0:
+            raise ValueError(f"optimizer.clip={cfg.clip} must be > 0, or null for no clipping")
+        if cfg.rtol is not None and not 0 <= cfg.rtol < 1:
+            raise ValueError(f"optimizer.rtol={cfg.rtol} must be in [0, 1), or null for the default")
+        return cfg
+
+
+def config_from_dict(cls, raw: Mapping, where: str):
+    """Build dataclass ``cls`` from a mapping; an unknown key is a ValueError naming ``where.key``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"unknown field {where}.{unknown[0]}; known fields: {sorted(names)}")
+    return cls(**raw)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = CUDA when visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here; use device: auto or cpu")
+    return dev
+
+
+def run_trial(config: Mapping) -> Iterator[dict]:
+    """Run one trial: dispatch on ``config["trainer"]["name"]`` and yield its metric records.
+
+    Validation happens eagerly (before the first ``next``), so a bad config fails at the call."""
+    trainer = (config.get("trainer") or {}).get("name")
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer.name={trainer!r} is not known; use one of {list(TRAINERS)}")
+    return importlib.import_module(TRAINERS[trainer]).run(config)

@@ -1,0 +1,238 @@
+"""Deep linear teacher–student task (paper §6, Fig 4–5; non-whitened inputs: S.I.1).
+
+A rank-r teacher map ``T = U_r diag(s) V_r^T`` (N x N) labels P training inputs, ``y = T x + z`` with
+Gaussian noise ``z ~ N(0, noise_std^2 I)``; a depth-d, width-N linear student ``wbar = w_d ... w_1``
+learns it full-batch by minimising ``L = 1/2 E_D ||wbar x - y||^2`` with one of the update rules of
+``trainers.curvature`` (``natural_direction`` + ``clip_update``). Computations are in float64.
+
+Config (``trainer:``; defaults in :class:`LinearTeacherConfig`, the one place they live)::
+
+    name: linear_teacher
+    gain: 0.1                # initial gain: each layer's singular values ~ gain (map ~ gain^depth)
+    steps: 3000              # full-batch steps
+    eval_every: 10           # evaluate every this many steps (plus step 0 and the last step)
+    log_eval: false          # also evaluate at 20 log-spaced steps per decade
+    max_weight_norm: 1.0e4   # sum_i ||w_i||_F above this ends the trial as diverged
+    width: 16                # N: input, hidden and output width
+    depth: 4                 # d: number of weight matrices
+    rank: 3                  # r: teacher rank
+    teacher_singular_values: [6.0, 3.0, 1.5]   # s_1..s_r (length = rank)
+    train_samples: 16        # P (P = N: the setting most prone to overfitting)
+    test_samples: 160        # >= 10 * width
+    noise_std: 0.5           # label noise on training targets
+    whiten: true             # whiten training inputs so the empirical Sigma_x = I exactly (needs P >= N)
+    init: gaussian           # gaussian: w_i ~ gain * N(0, 1/N) entries; orthogonal: gain * random orthogonal
+    balanced: false          # true: rotate the layers so c_i = w_(i+1)^T w_(i+1) - w_i w_i^T = 0 exactly
+
+Data. Training inputs are standard Gaussian; with ``whiten`` they are transformed by the inverse square
+root of their empirical covariance. Test inputs are fresh standard Gaussians (the population the training
+inputs come from) and **test targets are clean** (``T x``, no noise): ``test_loss`` is the generalisation
+error ``1/2 E||wbar x - T x||^2`` against the teacher, so a perfect student scores 0 and early-stopping
+benefits are not blurred by test-label noise. ``train_loss`` is against the noisy training targets.
+
+Metrics per evaluation: the common ones (``train_loss``, ``test_loss``, ``weight_norm[.l{i}]``,
+``conservation_drift[.l{i}]``, ``update_norm`` = ||lr * D|| of the last step, ``clipped_updates``), and
+``signal_mode.k{k}`` / ``noise_mode`` / ``norm_excess`` (see ``trainers.diagnostics.teacher_modes`` and
+``norm_excess``). The trial ends ``diverged`` at the first step whose loss or weights are not finite or
+whose weight norm exceeds ``max_weight_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from trainers import OptimizerConfig, config_from_dict, resolve_device
+from trainers import diagnostics as diag
+
+__all__ = ["LinearTeacherConfig", "TeacherTask", "make_task", "init_student", "run"]
+
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class LinearTeacherConfig:
+    name: str = "linear_teacher"
+    gain: float = 0.1
+    steps: int = 3000
+    eval_every: int = 10
+    log_eval: bool = False
+    max_weight_norm: float = 1.0e4
+    width: int = 16
+    depth: int = 4
+    rank: int = 3
+    teacher_singular_values: list[float] = field(default_factory=lambda: [6.0, 3.0, 1.5])
+    train_samples: int = 16
+    test_samples: int = 160
+    noise_std: float = 0.5
+    whiten: bool = True
+    init: str = "gaussian"
+    balanced: bool = False
+
+    def __post_init__(self):
+        f = "trainer."
+        if self.name != "linear_teacher":
+            raise ValueError(f"{f}name={self.name!r}: this is the linear_teacher trainer")
+        _check_common(self)
+        for key in ("width", "depth", "rank", "train_samples", "test_samples"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{f}{key}={getattr(self, key)!r} must be a positive integer")
+        if self.rank > self.width:
+            raise ValueError(f"{f}rank={self.rank} must be <= width={self.width}")
+        s = list(self.teacher_singular_values)
+        if len(s) != self.rank or not all(math.isfinite(v) and v > 0 for v in s):
+            raise ValueError(f"{f}teacher_singular_values={s} must be {self.rank} (= rank) positive numbers")
+        if self.test_samples < 10 * self.width:
+            raise ValueError(f"{f}test_samples={self.test_samples} must be >= 10 * width = {10 * self.width}")
+        if self.whiten and self.train_samples < self.width:
+            raise ValueError(f"{f}whiten=true needs train_samples >= width ({self.train_samples} < {self.width}): "
+                             "fewer samples than dimensions cannot have Sigma_x = I; set whiten: false")
+        if not self.noise_std >= 0:
+            raise ValueError(f"{f}noise_std={self.noise_std} must be >= 0")
+        if self.init not in ("gaussian", "orthogonal"):
+            raise ValueError(f"{f}init={self.init!r} must be gaussian or orthogonal")
+
+
+def _check_common(cfg) -> None:
+    """The fields both trainers share (used by trainers.mnist_mlp too)."""
+    f = "trainer."
+    if not (cfg.gain > 0 and math.isfinite(cfg.gain)):
+        raise ValueError(f"{f}gain={cfg.gain} must be a positive finite number")
+    if not isinstance(cfg.steps, int) or cfg.steps < 0:
+        raise ValueError(f"{f}steps={cfg.steps!r} must be a non-negative integer")
+    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
+        raise ValueError(f"{f}eval_every={cfg.eval_every!r} must be a positive integer")
+    if not cfg.max_weight_norm > 0:
+        raise ValueError(f"{f}max_weight_norm={cfg.max_weight_norm} must be > 0")
+
+
+@dataclass
+class TeacherTask:
+    teacher: torch.Tensor      # T, N x N, rank r
+    u: torch.Tensor            # U_r, N x r
+    v: torch.Tensor            # V_r, N x r
+    x_train: torch.Tensor      # N x P
+    y_train: torch.Tensor      # N x P (noisy)
+    sigma_x: torch.Tensor      # empirical E[x x^T] of the training inputs
+    target_map: torch.Tensor   # wbar* = E[y x^T] Sigma_x^+ (what the training loss pulls wbar to)
+    x_test: torch.Tensor       # N x n_test
+    y_test: torch.Tensor       # N x n_test (clean: T x)
+
+
+def _orthogonal(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """n x m with orthonormal columns (n >= m) or rows, Haar-distributed (QR with sign fix)."""
+    a = torch.randn(max(n, m), min(n, m), generator=gen, dtype=DTYPE)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r))
+    return q if n >= m else q.T
+
+
+def make_task(cfg: LinearTeacherConfig, gen: torch.Generator) -> TeacherTask:
+    n, p = cfg.width, cfg.train_samples
+    u, v = _orthogonal(n, cfg.rank, gen), _orthogonal(n, cfg.rank, gen)
+    teacher = u @ torch.diag(torch.tensor(cfg.teacher_singular_values, dtype=DTYPE)) @ v.T
+    x = torch.randn(n, p, generator=gen, dtype=DTYPE)
+    if cfg.whiten:
+        evals, evecs = torch.linalg.eigh(x @ x.T / p)
+        x = evecs @ torch.diag(evals.rsqrt()) @ evecs.T @ x
+    y = teacher @ x + cfg.noise_std * torch.randn(n, p, generator=gen, dtype=DTYPE)
+    sigma_x = x @ x.T / p
+    target_map = (y @ x.T / p) @ torch.linalg.pinv(sigma_x, hermitian=True)
+    x_test = torch.randn(n, cfg.test_samples, generator=gen, dtype=DTYPE)
+    return TeacherTask(teacher, u, v, x, y, sigma_x, target_map, x_test, teacher @ x_test)
+
+
+def init_student(cfg: LinearTeacherConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    n, d = cfg.width, cfg.depth
+    if cfg.init == "gaussian":
+        first = cfg.gain * torch.randn(n, n, generator=gen, dtype=DTYPE) / math.sqrt(n)
+        rest = [cfg.gain * torch.randn(n, n, generator=gen, dtype=DTYPE) / math.sqrt(n) for _ in range(d - 1)]
+    else:
+        first = cfg.gain * _orthogonal(n, n, gen)
+        rest = [cfg.gain * _orthogonal(n, n, gen) for _ in range(d - 1)]
+    if not cfg.balanced:
+        return [first, *rest]
+    # Exactly balanced: every layer carries the singular values S of the first draw, neighbours'
+    # singular vectors aligned through random rotations O_i: w_1 = O_1 S V^T, w_i = O_i S O_(i-1)^T,
+    # w_d = U S O_(d-1)^T, so w_(i+1)^T w_(i+1) = O_i S^2 O_i^T = w_i w_i^T.
+    u, s, vh = torch.linalg.svd(first)
+    rots = [_orthogonal(n, n, gen) for _ in range(d - 1)] + [u]
+    left = [vh.T] + rots[:-1]
+    return [rots[i] @ torch.diag(s) @ left[i].T for i in range(d)]
+
+
+def _product(weights: list[torch.Tensor]) -> torch.Tensor:
+    wbar = weights[0]
+    for w in weights[1:]:
+        wbar = w @ wbar
+    return wbar
+
+
+def run(config: Mapping) -> Iterator[dict]:
+    """Validate ``config`` now; return the generator of records (Contract 2)."""
+    cfg = config_from_dict(LinearTeacherConfig, config["trainer"], "trainer")
+    opt = OptimizerConfig.from_dict(config.get("optimizer"))
+    device = resolve_device(config.get("device", "auto"))
+    seed = int(config.get("seed", 0))
+    from trainers.curvature import clip_update, natural_direction  # the update rules (issue 2)
+
+    return _train(cfg, opt, device, seed, natural_direction, clip_update)
+
+
+def _train(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    task = make_task(cfg, gen)
+    weights = init_student(cfg, gen)
+    task = TeacherTask(*(t.to(device) for t in vars(task).values()))
+    weights = [w.to(device) for w in weights]
+    sigma_x = None if cfg.whiten else task.sigma_x  # whitened: exactly the identity by construction
+
+    def losses(wbar):
+        train = 0.5 * (wbar @ task.x_train - task.y_train).square().sum(0).mean()
+        test = 0.5 * (wbar @ task.x_test - task.y_test).square().sum(0).mean()
+        return float(train), float(test)
+
+    schedule = diag.EvalSchedule(cfg.steps, cfg.eval_every, cfg.log_eval)
+    tracker = diag.SummaryTracker()
+    c_init = diag.conservation_linear(weights)
+    clipped, update_norm = 0, 0.0
+    for step in range(cfg.steps + 1):
+        wbar = _product(weights)
+        if step in schedule or step == cfg.steps:
+            train_loss, test_loss = losses(wbar)
+            norms = diag.weight_norms(weights)
+            reason = diag.divergence_reason(train_loss, norms["weight_norm"], cfg.max_weight_norm)
+            if reason:
+                yield tracker.summary(step, clipped_updates=clipped, diverged_reason=reason)
+                return
+            squared = sum(float(w.square().sum()) for w in weights)
+            metrics = {"train_loss": train_loss, "test_loss": test_loss, **norms,
+                       **diag.conservation_drift(diag.conservation_linear(weights), c_init, squared),
+                       "update_norm": update_norm, "clipped_updates": clipped,
+                       **diag.teacher_modes(wbar, task.u, task.v),
+                       "norm_excess": diag.norm_excess(weights, wbar)}
+            yield tracker.eval(step, metrics)
+        else:
+            norm = sum(float(torch.linalg.matrix_norm(w)) for w in weights)
+            train_loss = float(0.5 * (wbar @ task.x_train - task.y_train).square().sum(0).mean())
+            reason = diag.divergence_reason(train_loss, norm, cfg.max_weight_norm)
+            if reason:
+                yield tracker.summary(step, clipped_updates=clipped, diverged_reason=reason)
+                return
+        if step == cfg.steps:
+            break
+        try:
+            directions = natural_direction(weights, wbar - task.target_map, q=opt.q, structure=opt.structure,
+                                           damping=opt.damping, sigma_x=sigma_x, rtol=opt.rtol)
+        except (RuntimeError, ArithmeticError) as e:  # CurvatureOverflowError, a failing eigensolver
+            yield tracker.summary(step, clipped_updates=clipped, diverged_reason=f"update rule failed: {e}")
+            return
+        if opt.clip is not None:
+            directions, was_clipped = clip_update(directions, opt.lr, opt.clip)
+            clipped += int(was_clipped)
+        weights = [w - opt.lr * dw for w, dw in zip(weights, directions)]
+        update_norm = opt.lr * diag.flat_norm(directions)
+    yield tracker.summary(cfg.steps, clipped_updates=clipped)
