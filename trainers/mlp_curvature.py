@@ -232,7 +232,7 @@ def _output_hessian_roots(f, y, loss):
 
 
 def _max_abs(t):
-    return float(t.abs().max()) if t.numel() else 0.0
+    return float(torch.linalg.vector_norm(t, ord=float("inf"))) if t.numel() else 0.0
 
 
 def _thin_gram_eig(rows, bsz, rtol):
