@@ -160,8 +160,9 @@ def finish_directions(directions, *, out_dtype, residual_norm: float, q: float, 
     if damping == 0 and not math.isinf(q) and residual_norm > 0:
         limit = residual_norm / math.sqrt(torch.finfo(out_dtype).eps)
         if norm > limit:
+            # a constant text, so Python's default filter shows it once per call site, not every step
             warnings.warn(
-                f"q={q:g} {what} norm {norm:.3g} is {norm / residual_norm:.3g}x the residual: the update "
-                f"speed explodes at small weights without damping; set optimizer.damping > 0 "
-                f"and/or optimizer.clip", ExplodingUpdateWarning, stacklevel=3)
+                f"the q={q:g} {what} is over 1/sqrt(eps) times the residual: the update speed explodes "
+                f"at small weights without damping; set optimizer.damping > 0 and/or optimizer.clip",
+                ExplodingUpdateWarning, stacklevel=3)
     return out

@@ -239,14 +239,14 @@ def _thin_gram_eig(rows, bsz, rtol):
     """Eigen-pairs of ``rows^T rows / bsz`` on its range, via the smaller of the two Gram matrices.
 
     For B x 785 activations this is a B x B eigh (the thin SVD of ``rows``) instead of 785 x 785.
-    Eigenvalues <= rtol * max are dropped here: the gradient has no component there. Rows are divided
-    by their largest entry first so float32 Grams of 1e-24 activations do not underflow.
+    Eigenvalues <= rtol * max are dropped here: the gradient has no component there. Below float64,
+    rows are divided by their largest entry first so float32 Grams of 1e-24 activations do not underflow.
     """
     n, m = rows.shape
-    top = _max_abs(rows)
+    top = 1.0 if rows.dtype == torch.float64 else _max_abs(rows)   # float64 squares of 1e-24 are fine
     if top == 0:
         return torch.zeros(0, dtype=torch.float64, device=rows.device), rows.new_zeros(m, 0)
-    r = rows / top
+    r = rows if top == 1.0 else rows / top
     scale = top * top / bsz
     if m <= n:
         return eigh_psd(r.mT @ r, dtype=rows.dtype, scale=scale)
