@@ -271,6 +271,9 @@ def test_bad_model_or_settings_are_named():
         CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="kfac")
     with pytest.raises(ValueError, match="loss"):
         CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="block", loss="hinge")
+    with pytest.raises(ValueError, match="class indices"):
+        CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="block").forward_backward(
+            torch.randn(2, 5, dtype=F64), torch.zeros(2, 3, dtype=F64))
     with pytest.raises(RuntimeError, match="forward_backward"):
         CurvaturePreconditioner(tiny_mlp(0), q=2.0, structure="block").precondition()
 

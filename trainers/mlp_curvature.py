@@ -92,6 +92,9 @@ class CurvaturePreconditioner:
                 masks.append(h.detach() > 0)
             h = mod(h)
         if self.loss == "cross_entropy":
+            if y.dim() != 1 or y.dtype.is_floating_point or y.shape[0] != h.shape[0]:
+                raise ValueError(f"cross_entropy targets y must be {h.shape[0]} integer class indices, got "
+                                 f"shape {tuple(y.shape)} {y.dtype} (use loss='mse' for one-hot targets)")
             loss = F.cross_entropy(h, y)
         else:
             if y.shape != h.shape:
