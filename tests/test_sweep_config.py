@@ -1,0 +1,132 @@
+"""Config composition, the grid, and bad input: every bad invocation fails fast, names the field,
+and leaves nothing behind (no results dir, no MLflow experiment or run)."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import socket
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+
+from services import free_port, run_sweep, sweep_env
+from sweep import grid, schema
+from sweep.cli import CONF_DIR
+
+schema.register()
+
+
+def _expand(experiment: str, overrides: list[str] = (), cli_values: set = frozenset()):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [f"+experiment={experiment}", *overrides])
+        trials = grid.expand(cfg, lambda ch: compose("config", [f"+experiment={experiment}", *overrides,
+                                                               *(f"{g}={v}" for g, v in ch.items())]),
+                             set(cli_values), set())
+    return cfg, trials
+
+
+def test_mnist_gain_grid_zips_damping_with_gain_for_ngd_d_only():
+    cfg, trials = _expand("mnist_gain")
+    seeds = list(cfg.sweep.seeds)
+    assert len(trials) == 4 * 4 * len(seeds)
+    damping = {(t.optimizer, t.gain): t.config["optimizer"]["damping"] for t in trials}
+    assert {g: damping["ngd_d", g] for g in (1.0, 1e-2, 1e-4, 1e-6)} == {1.0: 1e-3, 1e-2: 1e-3, 1e-4: 1e-6, 1e-6: 1e-7}
+    assert all(damping[o, g] == 0.0 for o in ("sgd", "sqrt_ngd_d", "sqrt_ngd") for g in (1.0, 1e-2, 1e-4, 1e-6))
+    by_name = {t.optimizer: t.config["optimizer"] for t in trials}
+    assert (by_name["sqrt_ngd"]["q"], by_name["sqrt_ngd"]["structure"]) == (2.0, "full")
+    assert (by_name["ngd_d"]["q"], by_name["ngd_d"]["structure"]) == (1.0, "block")
+    assert {t.variant for t in trials} == {"sgd", "ngd_d", "sqrt_ngd_d", "sqrt_ngd"}
+    assert all(t.config["trainer"]["name"] == "mnist_mlp" for t in trials)
+    assert len({t.key for t in trials}) == len(trials)
+
+
+def test_teacher_student_and_fractional_q_grids():
+    _, ts = _expand("teacher_student")
+    assert len(ts) == 5 * 5
+    ngd = [t.config["optimizer"] for t in ts if t.optimizer in ("ngd", "ngd_d")]
+    assert ngd and all(o["damping"] == 1e-5 and o["clip"] is not None for o in ngd)
+    _, fq = _expand("fractional_q")
+    qs = sorted({(t.config["optimizer"]["structure"], t.config["optimizer"]["q"]) for t in fq})
+    assert qs == sorted((s, q) for s in ("full", "block") for q in (1, 1.5, 2, 3, 4, 8, math.inf))
+    assert {t.variant for t in fq} >= {"qngd q=1.5", "qngd_d q=inf"}
+
+
+def test_command_line_override_wins_and_identical_points_collapse():
+    _, trials = _expand("smoke", ["trainer.gain=0.5", "optimizer.lr=0.3"], {"trainer.gain", "optimizer.lr"})
+    assert {t.gain for t in trials} == {0.5}
+    assert {t.config["optimizer"]["lr"] for t in trials} == {0.3}
+    assert len(trials) == 2 * 2  # 2 optimizers x 2 seeds: the gain axis collapsed
+
+
+def test_trial_key_is_a_stable_hash_of_the_resolved_config():
+    _, a = _expand("smoke")
+    _, b = _expand("smoke")
+    assert [t.key for t in a] == [t.key for t in b]
+    changed = dict(a[0].config, seed=99)
+    assert grid.trial_key(changed) != a[0].key
+    assert grid.flatten_params(a[0].config)["optimizer.lr"] == str(a[0].config["optimizer"]["lr"])
+
+
+@pytest.mark.parametrize("module,schema_cls", [("trainers.linear_teacher", schema.LinearTeacherConf),
+                                               ("trainers.mnist_mlp", schema.MnistMlpConf)])
+def test_schema_mirrors_the_trainer_dataclasses(module, schema_cls):
+    mod = importlib.import_module(module)
+    trainer_cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("Config") and dataclasses.is_dataclass(getattr(mod, n))
+                       and getattr(mod, n).__module__ == module)
+    assert {f.name for f in dataclasses.fields(schema_cls)} == {f.name for f in dataclasses.fields(trainer_cls)}
+
+
+def _closed_port() -> int:
+    port = free_port()
+    with socket.socket() as s:  # nothing listens there now
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    return port
+
+
+BAD = [  # (overrides, text the message must contain)
+    (["trainer.widht=3"], "widht"),                                  # unknown key
+    (["trainer.steps=many"], "steps"),                               # wrong type
+    (["optimizer=qngd", "optimizer.q=0.5"], "optimizer.q must be >= 1"),
+    (["optimizer.lr=0"], "optimizer.lr must be > 0"),
+    (["trainer.gain=-1e-3"], "trainer.gain must be > 0"),
+    (["sweep.axes.optimizer=[]"], "sweep.axes.optimizer is an empty list"),
+    (["sweep.axes.optimizer=[sgd,adam]"], "sqrt_ngd_d"),              # lists the valid names
+    (["optimizer=adam"], "sqrt_ngd_d"),                              # Hydra lists the options
+    (["sweep.seeds=[]"], "sweep.seeds is empty"),
+    (["+sweep.variants.adamw={optimizer:{lr:1}}"], "sweep.variants.adamw"),
+    (["resources.cpu=0"], "resources.cpu must be > 0"),
+    (["device=tpu"], "device"),
+    (["tracking.uri=http://127.0.0.1:{closed}"], "tracking.uri"),
+    (["cluster.address=127.0.0.1:{closed}"], "cluster.address"),
+    (["+experiment=nope"], "nope"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[0][-1][:40] for b in BAD])
+def test_bad_invocation_fails_fast_and_leaves_nothing(overrides, message, tmp_path, mlflow_server, experiment_name):
+    closed = _closed_port()
+    args = [o.replace("{closed}", str(closed)) for o in overrides]
+    base = [] if any(a.startswith("+experiment=") for a in args) else ["+experiment=smoke"]
+    tracking = [] if any(a.startswith("tracking.uri") for a in args) else [f"tracking.uri={mlflow_server.uri}"]
+    proc, seconds = run_sweep([*base, *args, *tracking, f"tracking.experiment={experiment_name}"], cwd=tmp_path,
+                              timeout=60, env=sweep_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert message in out, out
+    assert seconds < 15, f"took {seconds:.1f}s"
+    assert "Traceback" not in out, out
+    assert list(tmp_path.iterdir()) == [], "a bad config must leave nothing behind"
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    assert mlflow.get_experiment_by_name(experiment_name) is None
+
+
+def test_help_and_cfg_job(tmp_path):
+    proc, _ = run_sweep(["--help"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "+experiment=NAME" in proc.stdout and "optimizer: " in proc.stdout
+    proc, _ = run_sweep(["+experiment=mnist_gain", "--cfg", "job"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "name: mnist_mlp" in proc.stdout
+    proc, _ = run_sweep(["+experiment=mnist_gain", "dry_run=true"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0 and "32 trials" in proc.stdout, proc.stdout + proc.stderr
+    assert list(tmp_path.iterdir()) == []
