@@ -94,11 +94,20 @@ def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float) 
         return torch.ones_like(evals)
     evals = evals.clamp_min(0)
     if damping > 0:
-        return (evals + damping) ** (-1.0 / q)
+        return _neg_root(evals + damping, q)
     lam_max = evals.max() if evals.numel() else evals.new_zeros(())
     keep = evals > rtol * lam_max
     safe = torch.where(keep, evals, torch.ones_like(evals))
-    return torch.where(keep, safe ** (-1.0 / q), torch.zeros_like(evals))
+    return _neg_root(safe, q) * keep
+
+
+def _neg_root(x: torch.Tensor, q: float) -> torch.Tensor:
+    """x^(-1/q); the common q = 1, 2 without the (slower) general pow."""
+    if q == 1.0:
+        return x.reciprocal()
+    if q == 2.0:
+        return x.rsqrt()
+    return x ** (-1.0 / q)
 
 
 def psd_power_apply(mat: torch.Tensor, rhs: torch.Tensor, q: float, damping: float = 0.0,
