@@ -21,13 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 BASE = DOCKER / "compose.yaml"
 CPU = DOCKER / "compose.cpu.yaml"
+AUTH = DOCKER / "compose.auth.yaml"
+AUTH_INI = DOCKER / "mlflow-basic-auth.ini"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile"
 GCS_PORT = 6379
 POSTGRES_PORT = 5432
-SECRETS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
+SECRETS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 # Values that stand in for the secrets when Compose validates the files (never real ones).
-DUMMY_ENV = {"RAY_AUTH_TOKEN": "dummy-token-for-validation", "POSTGRES_PASSWORD": "dummy-password-for-validation"}
+DUMMY_ENV = {name: f"dummy-{name.lower()}-for-validation" for name in SECRETS}
+# Keys whose value an override replaces instead of extending (Compose's merge rules).
+REPLACED = ("command", "entrypoint", "test")
 
 
 def load(path: Path) -> dict:
@@ -35,11 +39,12 @@ def load(path: Path) -> dict:
 
 
 def merge(base, override):
-    """Compose's merge rule for these files: mappings merge key by key, lists append, scalars replace."""
+    """Compose's merge rule for these files: mappings merge key by key, lists append (except the
+    REPLACED keys), scalars replace."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
         for key, value in override.items():
-            out[key] = merge(base[key], value) if key in base else value
+            out[key] = merge(base[key], value) if key in base and key not in REPLACED else value
         return out
     if isinstance(base, list) and isinstance(override, list):
         return base + override
@@ -53,7 +58,7 @@ def services(*paths: Path) -> dict:
     return config["services"]
 
 
-STACKS = {"gpu": (BASE,), "cpu": (BASE, CPU)}
+STACKS = {"gpu": (BASE,), "cpu": (BASE, CPU), "auth": (BASE, AUTH)}
 
 
 def active(svcs: dict, profiles=()) -> dict:
@@ -134,6 +139,7 @@ def test_every_ray_process_requires_the_token_from_env(stack):
     for name, svc in ray_services.items():
         env = env_of(svc)
         assert env.get("RAY_AUTH_MODE") == "token", name
+        assert env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "1", f"{name}: containers are separate nodes"
         # Taken from docker/.env, required (":?"), never a literal.
         assert re.fullmatch(r"\$\{RAY_AUTH_TOKEN:\?[^}]+\}", env.get("RAY_AUTH_TOKEN", "")), name
 
@@ -199,17 +205,38 @@ def test_sweep_service_runs_the_cli_against_the_cluster():
     assert (ROOT / "conf/cluster/remote.yaml").exists() and (ROOT / "conf/tracking/server.yaml").exists()
 
 
+def test_auth_override_turns_on_mlflow_basic_auth():
+    svcs = services(BASE, AUTH)
+    mlflow, sweep = svcs["mlflow"], svcs["sweep"]
+    cmd = command_of(mlflow)
+    assert cmd.count("mlflow server") == 1 and "--app-name=basic-auth" in cmd, "the command is replaced, not appended"
+    assert "--workers=1" in cmd and "127.0.0.1:*" in cmd
+    env = env_of(mlflow)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == "/mlflow/basic_auth.ini"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"].startswith("${MLFLOW_FLASK_SERVER_SECRET_KEY:?")
+    assert "MLFLOW_BACKEND_STORE_URI" in env, "the base settings stay"
+    assert "./mlflow-basic-auth.ini:/mlflow/basic_auth.ini:ro" in mlflow["volumes"]
+    assert env_of(sweep)["MLFLOW_TRACKING_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD:?")
+    assert env_of(sweep)["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"] == "admin"
+    ini = AUTH_INI.read_text()
+    assert "database_uri = sqlite:////mlflow/auth/basic_auth.db" in ini
+    assert "mlflow-auth:/mlflow/auth" in mlflow["volumes"] and "mlflow-auth" in load(AUTH)["volumes"]
+    assert "sed 's/^mlflow==/mlflow[auth]==/'" in DOCKERFILE.read_text(), "the image has mlflow's [auth] extra"
+
+
 def test_no_secret_is_committed():
     example = dict(
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#"))
     for name in SECRETS:
         assert example[name] == "", f"{ENV_EXAMPLE.name} must leave {name} empty"
-    text = "\n".join(p.read_text() for p in (BASE, CPU, DOCKERFILE))
+    text = "\n".join(p.read_text() for p in (BASE, CPU, AUTH, DOCKERFILE))
     for name in SECRETS:
         # Every assignment of a secret is an interpolation from docker/.env, never a value.
         for value in re.findall(rf"(?<![{{\w]){name}:\s*(\S+)", text):
             assert value.startswith("${" + name + ":?"), f"{name} is set to a literal: {value}"
     assert not re.search(r"postgresql(\+\w+)?://\w+:[^$@]+@", text), "a database password in a URI"
+    assert not re.search(r"^\s*admin_password\s*=", AUTH_INI.read_text(), re.M), "it comes from docker/.env"
     assert "**/.env" in (ROOT / ".dockerignore").read_text().split()
     if (ROOT / ".git").exists() and shutil.which("git"):
         ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT)
@@ -280,9 +307,12 @@ def test_docker_compose_config_validates(stack):
     assert resolved["ray-head"]["environment"]["RAY_AUTH_TOKEN"] == DUMMY_ENV["RAY_AUTH_TOKEN"]
 
 
-@pytest.mark.parametrize("missing", SECRETS)
-def test_a_missing_secret_stops_compose_with_a_message_naming_it(missing):
+@pytest.mark.parametrize("stack,missing", [("gpu", "RAY_AUTH_TOKEN"), ("gpu", "POSTGRES_PASSWORD"),
+                                           ("cpu", "RAY_AUTH_TOKEN"), ("auth", "MLFLOW_ADMIN_PASSWORD"),
+                                           ("auth", "MLFLOW_FLASK_SERVER_SECRET_KEY")])
+def test_a_missing_secret_stops_compose_with_a_message_naming_it(stack, missing):
     env = clean_env(**{k: v for k, v in DUMMY_ENV.items() if k != missing})
-    out = compose("-f", "docker/compose.yaml", "--env-file", str(ENV_EXAMPLE), "config", "-q", env=env)
+    files = [a for p in STACKS[stack] for a in ("-f", str(p.relative_to(ROOT)))]
+    out = compose(*files, "--env-file", str(ENV_EXAMPLE), "config", "-q", env=env)
     assert out.returncode != 0
     assert f"set {missing} in docker/.env" in out.stderr
