@@ -316,3 +316,24 @@ def test_a_missing_secret_stops_compose_with_a_message_naming_it(stack, missing)
     out = compose(*files, "--env-file", str(ENV_EXAMPLE), "config", "-q", env=env)
     assert out.returncode != 0
     assert f"set {missing} in docker/.env" in out.stderr
+
+
+def test_sweep_entrypoint_composes_the_remote_config(tmp_path):
+    """Run the sweep service's own entrypoint script (ray start stubbed out, `--cfg job` so nothing
+    starts): its Hydra overrides compose, and `compose run --rm sweep ARGS` arguments reach Hydra."""
+    sweep = services(BASE)["sweep"]
+    script = sweep["entrypoint"][2].replace("$$", "$")  # Compose's escape for a literal $
+    assert script.startswith("ray start --address=ray-head:6379 --num-cpus=0 --num-gpus=0")
+    script = "true" + script[script.index(" &&"):]  # no Ray here: the rest runs as written
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # this venv's python
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(["/bin/sh", "-c", script, sweep["entrypoint"][3], "+experiment=smoke", "resources.gpu=0.25",
+                          "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["cluster"]["address"] == "ray-head:6379"
+    assert cfg["tracking"]["uri"] == "http://mlflow:5000"
+    assert cfg["name"] == "smoke" and cfg["resources"]["gpu"] == 0.25
