@@ -329,7 +329,7 @@ def test_concurrent_writers_into_postgres_backed_server(tracking):
 
 def test_eight_trials_at_once_lose_no_metric(ray_cluster, tracking, tmp_path):
     """resources.cpu=0.25 on three 1-CPU nodes: 8 trials run and stream records at the same time."""
-    steps, every = 2000, 20
+    steps, every = 3000, 25  # trials outlast the workers' staggered start, so all 8 overlap
     proc, seconds = run_sweep(sweep_cmd(ray_cluster, tracking, "eight-at-once", tmp_path, "resources.cpu=0.25",
                                         "resources.workers=8", "sweep.axes.optimizer=[sqrt_ngd_d]",
                                         "sweep.seeds=[0,1,2,3]", f"trainer.steps={steps}",
