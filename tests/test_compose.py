@@ -250,6 +250,8 @@ def test_dockerfile_installs_dependencies_before_sources_and_bakes_mnist():
     torch_i, deps_i = first('RUN pip install ${TORCH_INDEX_URL'), first("RUN pip install -r /tmp/requirements.txt")
     bake_i, src_i = first("COPY trainers/data.py"), first("COPY sweep/")
     assert torch_i < deps_i < bake_i < src_i, "cache order: torch, dependencies, MNIST, sources"
+    assert all(not ln.startswith("COPY") for ln in app[:torch_i]), "nothing copied before torch"
+    assert app[deps_i - 1] == "COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt"
     # The torch pin matches the one `make` installs.
     make_pin = re.search(r"^TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert f"ARG TORCH_SPEC={make_pin}" in app
