@@ -71,6 +71,8 @@ class CurvaturePreconditioner:
             raise ValueError(f"optimizer.structure must be one of {STRUCTURES}, got {structure!r}")
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if compute_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"compute_dtype must be torch.float64 (default) or torch.float32, got {compute_dtype!r}")
         self.layers = _parse_model(model)
         self.model, self.structure, self.loss = model, structure, loss
         self.damping = float(damping)
