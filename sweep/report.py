@@ -94,11 +94,14 @@ def _pm(mean: float, std: float) -> str:
 
 def histories(tracker, df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Long table (run_id, key, step, value) of the metric histories the plots need."""
-    rows = []
-    for run_id in df["run_id"]:
-        for key in keys:
-            for m in tracker.call(tracker.client.get_metric_history, run_id, key):
-                rows.append((run_id, key, m.step, m.value))
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(run_key):
+        run_id, key = run_key
+        return [(run_id, key, m.step, m.value) for m in tracker.call(tracker.client.get_metric_history, run_id, key)]
+    with ThreadPoolExecutor(4) as pool:  # round trips overlap; the server answers from one process
+        chunks = pool.map(fetch, [(r, k) for r in df["run_id"] for k in keys])
+        rows = [row for chunk in chunks for row in chunk]
     return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
 
 

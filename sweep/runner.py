@@ -69,7 +69,8 @@ class Sweep:
         t = job.trial
         tags = {"trial.key": t.key, "optimizer": t.optimizer, "variant": t.variant, "gain": f"{t.gain:g}",
                 "seed": str(t.seed), "status": "running", "attempt": str(job.attempt), "sweep.id": self.sweep_id,
-                "node.id": job.info.get("node_id", ""), "worker.gpu_ids": ",".join(job.info.get("gpu_ids", []))}
+                "node.id": job.info.get("node_id", ""), "worker.gpu_ids": ",".join(job.info.get("gpu_ids", [])),
+                "worker.torch_device": job.info.get("torch_device", "")}
         name = f"{t.variant} g={t.gain:g} s={t.seed}"
         self.progress.running += 1
         self.progress.update()
@@ -192,6 +193,7 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
                       + (" and MLflow" if server else "") + f" (log: {log_file})")
         temp_dir = start_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus, cfg.verbose,
                              str(log_file))
+        log.info("ray ready after %.1fs", time.monotonic() - started)
         n_workers = _workers(cfg, len(trials))
         if n_workers < 1:
             total = ray.cluster_resources()
@@ -200,6 +202,7 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
                           "Fix: lower resources.cpu / resources.gpu or add nodes.")
             return 2
         uri = server.wait_ready().uri if server else cfg.tracking.uri
+        log.info("tracking ready after %.1fs", time.monotonic() - started)
         tracker = Tracker(uri, cfg.tracking.retry_s)
         sweep = Sweep(cfg, trials, tracker, console)
         todo = sweep.open()
@@ -214,12 +217,14 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
             pool.run(todo, Callbacks(start=sweep.start, records=sweep.records, finish=sweep.finish,
                                      retry=sweep.retry, give_up=sweep.give_up))
             run_s = time.monotonic() - t_run
+        log.info("trials done after %.1fs (trial phase %.1fs)", time.monotonic() - started, run_s)
         tracker.flush()
         sweep.dedupe()
         if cfg.report.enabled:
             from .report import report
             report(sweep, console, results / "reports" / sweep.sweep_id)
         tracker.flush()
+        log.info("report done after %.1fs", time.monotonic() - started)
         failed = bool(sweep.failed) or bool(tracker.errors)
         tracker.call(tracker.client.set_tag, sweep.parent_id, "sweep.run_seconds", f"{run_s:.1f}")
         tracker.call(tracker.client.set_terminated, sweep.parent_id, "FAILED" if failed else "FINISHED")
@@ -243,6 +248,8 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
             pool.shutdown()
         if tracker is not None:
             tracker.close(timeout=30)
+        if server is not None:
+            server.terminate()  # it stops while Ray does
         try:
             import ray as _ray
             if _ray.is_initialized():

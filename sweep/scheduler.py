@@ -26,15 +26,20 @@ class TrialWorker:
     """Imports torch and the trainers once; runs any number of trials, one at a time."""
 
     def __init__(self):
+        if not ray.get_gpu_ids():  # no GPU reserved for this worker: do not touch one (device auto = cpu)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch  # noqa: F401  (the expensive import, paid once per worker)
 
         import trainers  # noqa: F401
         self._run_trial = trainers.run_trial
 
     def info(self) -> dict:
+        """Where this worker runs: node, the GPUs Ray assigned it, and what torch sees there."""
+        import torch
         ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        cuda = torch.cuda.is_available()
+        return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "torch_device": f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu"}
 
     def run(self, config: dict, flush_s: float = 1.0):
         """Yields {"records": [...]} batches; the last one has done=True, its compute seconds, and
@@ -85,15 +90,30 @@ class WorkerPool:
     def _new_worker(self):
         return TrialWorker.options(**self.options).remote()
 
+    @staticmethod
+    def _pick(queue: list, cost: dict, started: set) -> "Job":
+        """Next job: retries first; then one of each variant not started yet (grid order), so every
+        variant's cost is learned early; then the variant with the longest observed trials, so long ones
+        do not end up alone at the tail of the sweep (longest-processing-time-first)."""
+        def rank(i_job):
+            i, job = i_job
+            seen = cost.get(job.trial.variant)
+            return (job.attempt == 1, job.trial.variant in started, seen is None,
+                    -(sum(seen) / len(seen)) if seen else 0.0, i)
+        i, job = min(enumerate(queue), key=rank)
+        started.add(job.trial.variant)
+        return queue.pop(i)
+
     def run(self, trials: list, cb: Callbacks) -> None:
         queue = [Job(t) for t in trials]
-        queue.reverse()  # pop() takes them in grid order
+        cost: dict = {}  # variant -> seconds of its finished trials
+        started: set = set()
         idle = list(self.workers)
         infos: dict = {}
         running: dict = {}  # stream -> Job
         while queue or running:
             while idle and queue:
-                job, worker = queue.pop(), idle.pop()
+                job, worker = self._pick(queue, cost, started), idle.pop()
                 job.worker = worker
                 key = id(worker)
                 if key not in infos:
@@ -129,6 +149,8 @@ class WorkerPool:
                 if item["records"]:
                     cb.records(job, item["records"])
                 if item["done"]:
+                    if item.get("compute_s") is not None:
+                        cost.setdefault(job.trial.variant, []).append(item["compute_s"])
                     del running[stream]
                     cb.finish(job, item)
                     idle.append(job.worker)

@@ -35,7 +35,7 @@ class TrainerCommon:
     steps: int = 1000
     eval_every: int = 10
     log_eval: bool = False
-    max_weight_norm: float = 1.0e6
+    max_weight_norm: float = 1.0e4
 
 
 @dataclass

@@ -76,14 +76,19 @@ class MlflowServer:
             time.sleep(0.3)
         raise TimeoutError(f"mlflow server on {self.uri} not ready after {timeout:.0f}s")
 
+    def terminate(self) -> None:
+        """Ask it to stop (its own process group: the uvicorn children too); stop() waits."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 15.0) -> None:
-        """Stop it and its uvicorn children (its own process group), by pid."""
+        """Stop it and its uvicorn children, by pid; waits for them."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        self.terminate()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

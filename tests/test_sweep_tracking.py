@@ -1,0 +1,59 @@
+"""The driver's MLflow writer against a real server that goes away and comes back: nothing is lost."""
+from __future__ import annotations
+
+import logging
+import time
+
+from mlflow.tracking import MlflowClient
+
+from services import start_mlflow
+from sweep.tracking import Tracker
+
+
+def test_outage_is_buffered_and_retried_until_the_server_returns(tmp_path, caplog):
+    server = start_mlflow(tmp_path / "mlflow")
+    tracker = None
+    try:
+        tracker = Tracker(server.uri, retry_s=120)
+        exp = tracker.experiment_id("outage-unit")
+        parent = tracker.create_parent(exp, "parent", {"sweep.id": "x"})
+        server.stop()  # the server goes away before the trial's run even exists
+        caplog.set_level(logging.WARNING, logger="sweep.tracking")
+        handle = tracker.start_child(exp, parent, "trial", {"trial.key": "k"}, {"optimizer.lr": "0.1"})
+        steps = range(0, 2500)  # 2 keys x 2500 steps = 5 log_batch chunks of <= 1000
+        tracker.log_metrics(handle, [(k, float(s), s) for s in steps for k in ("train_loss", "test_loss")])
+        tracker.set_tags(handle, {"status": "finished"})
+        tracker.end(handle, "FINISHED")
+        assert not tracker.flush(timeout=4), "nothing can be written while the server is down"
+        server.start().wait_ready()  # back on the same port
+        assert tracker.flush(timeout=120)
+        assert tracker.errors == []
+        assert any("retrying" in r.getMessage() for r in caplog.records)
+        client = MlflowClient(server.uri)
+        run = client.get_run(handle.run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.params == {"optimizer.lr": "0.1"}
+        for key in ("train_loss", "test_loss"):
+            history = client.get_metric_history(handle.run_id, key)
+            assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in steps]
+        children = tracker.children(exp, parent)
+        assert [c.info.run_id for c in children] == [handle.run_id], "a retried create made no duplicate"
+    finally:
+        if tracker is not None:
+            tracker.close(timeout=5)
+        server.stop()
+
+
+def test_a_request_the_server_rejects_is_not_retried_forever(mlflow_server):
+    tracker = Tracker(mlflow_server.uri, retry_s=120)
+    try:
+        t0 = time.monotonic()
+        try:
+            tracker.call(tracker.client.get_run, "0" * 32)
+        except Exception as e:  # noqa: BLE001
+            assert "RESOURCE_DOES_NOT_EXIST" in str(getattr(e, "error_code", "")) or "not found" in str(e).lower()
+        else:
+            raise AssertionError("get_run of a missing run must raise")
+        assert time.monotonic() - t0 < 10
+    finally:
+        tracker.close(timeout=5)
