@@ -16,10 +16,10 @@ Config (``trainer:``; defaults in :class:`LinearTeacherConfig`, the one place th
     width: 16                # N: input, hidden and output width
     depth: 4                 # d: number of weight matrices
     rank: 3                  # r: teacher rank
-    teacher_singular_values: [6.0, 3.0, 1.5]   # s_1..s_r (length = rank)
+    teacher_singular_values: [3.0, 2.0, 1.0]   # s_1..s_r (length = rank)
     train_samples: 16        # P (P = N: the setting most prone to overfitting)
     test_samples: 160        # >= 10 * width
-    noise_std: 0.5           # label noise on training targets
+    noise_std: 0.3           # label noise on training targets
     whiten: true             # whiten training inputs so the empirical Sigma_x = I exactly (needs P >= N)
     init: gaussian           # gaussian: w_i ~ gain * N(0, 1/N) entries; orthogonal: gain * random orthogonal
     balanced: false          # true: rotate the layers so c_i = w_(i+1)^T w_(i+1) - w_i w_i^T = 0 exactly
@@ -64,10 +64,10 @@ class LinearTeacherConfig:
     width: int = 16
     depth: int = 4
     rank: int = 3
-    teacher_singular_values: list[float] = field(default_factory=lambda: [6.0, 3.0, 1.5])
+    teacher_singular_values: list[float] = field(default_factory=lambda: [3.0, 2.0, 1.0])
     train_samples: int = 16
     test_samples: int = 160
-    noise_std: float = 0.5
+    noise_std: float = 0.3
     whiten: bool = True
     init: str = "gaussian"
     balanced: bool = False
