@@ -79,7 +79,8 @@ def sweep_id(experiment: str, trials: list[grid.Trial]) -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)  # logs and tests: no wrapping at 80
+    tty = sys.stdout.isatty()
+    console = Console(width=None if tty else 160, soft_wrap=not tty)  # logs and tests: lines stay whole
     t0 = time.monotonic()
     try:
         trials = plan(cfg)

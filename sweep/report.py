@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -34,7 +35,8 @@ def trial_table(tracker, exp_id: str, parent_id: str) -> pd.DataFrame:
         tags, m = run.data.tags, run.data.metrics
         rows.append({"run_id": run.info.run_id, "run_status": run.info.status, "variant": tags.get("variant"),
                      "optimizer": tags.get("optimizer"), "gain": float(tags.get("gain", "nan")),
-                     "seed": int(tags.get("seed", "-1")), "status": tags.get("status"), **m})
+                     "seed": int(tags.get("seed", "-1")), "status": tags.get("status"),
+                     "trial_key": tags.get("trial.key"), **m})
     return pd.DataFrame(rows)
 
 
@@ -70,7 +72,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{c}_mean"] = v.mean()
             row[f"{c}_std"] = v.std(ddof=0) if v.notna().sum() > 1 else (0.0 if v.notna().any() else np.nan)
         out.append(row)
-    return pd.DataFrame(out).sort_values(["gain", "variant"], ascending=[False, True], kind="stable")
+    return pd.DataFrame(out).sort_values("gain", ascending=False, kind="stable")  # variants in grid order
 
 
 def print_summary(summary: pd.DataFrame, console, title: str) -> None:
@@ -120,9 +122,19 @@ def _colors(variants: list[str]) -> dict:
     return {v: cmap(i % 10) for i, v in enumerate(variants)}
 
 
+def _variants(df) -> list[str]:
+    """Variants in grid order (the frame is sorted that way), so colours match across plots."""
+    return list(dict.fromkeys(df["variant"]))
+
+
+def _log_x(ax) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_test_loss(df, h, path: Path, title: str) -> None:
     gains = sorted(df["gain"].unique(), reverse=True)
-    variants = list(dict.fromkeys(df["variant"]))
+    variants = _variants(df)
     color = _colors(variants)
     fig, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.6), squeeze=False, sharey=False)
     for ax, gain in zip(axes[0], gains):
@@ -154,9 +166,9 @@ def plot_test_loss(df, h, path: Path, title: str) -> None:
 
 def plot_norms(df, h, path: Path, title: str) -> None:
     gains = sorted(df["gain"].unique(), reverse=True)
-    variants = list(dict.fromkeys(df["variant"]))
-    color = _colors(variants)
     keys = [("conservation_drift", "conservation drift"), ("weight_norm", "weight norm  sum_i ||w_i||_F")]
+    variants = _variants(df)
+    color = _colors(variants)
     fig, axes = plt.subplots(2, len(gains), figsize=(4.2 * len(gains), 6.4), squeeze=False)
     for col, gain in enumerate(gains):
         for row, (key, label) in enumerate(keys):
@@ -170,7 +182,7 @@ def plot_norms(df, h, path: Path, title: str) -> None:
                 ax.plot(mean.index[keep], mean.values[keep], color=color[v], label=v, lw=1.5)
                 ax.fill_between(mean.index[keep], np.maximum(lo.values[keep], 1e-300), hi.values[keep],
                                 color=color[v], alpha=0.18, lw=0)
-            ax.set_xscale("log")
+            _log_x(ax)
             ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both", lw=0.5)
             if row == 0:
@@ -190,7 +202,7 @@ def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> None:
     """Fig 4D: per variant, the map's singular values along the teacher's modes (signal) and the
     largest component outside them (noise), vs step; seed mean; the first (largest) gain."""
     gain = sorted(df["gain"].unique(), reverse=True)[0]
-    variants = list(dict.fromkeys(df["variant"]))
+    variants = _variants(df)
     fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.4), squeeze=False, sharey=True)
     shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.8, max(len(signal_keys), 1)))
     for ax, v in zip(axes[0], variants):
@@ -206,7 +218,7 @@ def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> None:
             mean = band[0]
             keep = mean.index > 0
             ax.plot(mean.index[keep], mean.values[keep], color="crimson", ls="--", lw=1.6, label="noise")
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_yscale("log")
         ax.set_title(v)
         ax.set_xlabel("step")
@@ -225,6 +237,9 @@ def report(sweep, console, out_dir: Path) -> pd.DataFrame | None:
     df = trial_table(tr, sweep.exp_id, sweep.parent_id)
     if df.empty:
         return None
+    order = {t.key: i for i, t in enumerate(sweep.trials)}
+    df = df.assign(_order=[order.get(k, len(order)) for k in df["trial_key"]]).sort_values("_order", kind="stable")
+    df = df.drop(columns="_order").reset_index(drop=True)
     df = add_divergence(df, cfg.report.reference)
     ref = reference_variant(df, cfg.report.reference)
     for run_id, value in zip(df["run_id"], df["weight_norm_divergence"]):
