@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -178,6 +179,9 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
     if cfg.verbose:
         logging.getLogger("sweep").addHandler(logging.StreamHandler())
 
+    def _terminate(signum, frame):  # `kill` / `docker stop`: clean up like Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _terminate)
     server = None
     temp_dir = None
     pool = None
