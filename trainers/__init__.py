@@ -14,6 +14,7 @@ naming the field and the fix before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["run_trial", "TRAINERS", "OPTIMIZERS", "OptimizerConfig", "resolve_device", "config_from_dict"]
+__all__ = ["run_trial", "TRAINERS", "OPTIMIZERS", "OptimizerConfig", "resolve_device", "config_from_dict",
+           "flush_denormals"]
 
 # trainer name -> module holding `run(config) -> Iterator[dict]` and its `*Config` dataclass.
 TRAINERS = {"linear_teacher": "trainers.linear_teacher", "mnist_mlp": "trainers.mnist_mlp"}
@@ -104,6 +106,19 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available here; use device: auto or cpu")
     return dev
+
+
+@contextlib.contextmanager
+def flush_denormals():
+    """Flush subnormal floats to zero on CPU for the duration of a trial (restored to torch's default
+    afterwards). Why: near convergence the float64 curvature algebra meets subnormal intermediates,
+    and measured here a full-structure sqrtNGD step on the linear teacher then took ~70 ms instead
+    of ~5 ms; values below 2.2e-308 carry no information for training."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def run_trial(config: Mapping) -> Iterator[dict]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainers import OptimizerConfig, config_from_dict, resolve_device
+from trainers import OptimizerConfig, config_from_dict, flush_denormals, resolve_device
 from trainers import diagnostics as diag
 
 __all__ = ["LinearTeacherConfig", "TeacherTask", "make_task", "init_student", "run"]
@@ -183,6 +183,11 @@ def run(config: Mapping) -> Iterator[dict]:
 
 
 def _train(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[dict]:
+    with flush_denormals():
+        yield from _steps(cfg, opt, device, seed, natural_direction, clip_update)
+
+
+def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[dict]:
     gen = torch.Generator().manual_seed(seed)
     task = make_task(cfg, gen)
     weights = init_student(cfg, gen)

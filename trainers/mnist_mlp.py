@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers import OptimizerConfig, config_from_dict, resolve_device
+from trainers import OptimizerConfig, config_from_dict, flush_denormals, resolve_device
 from trainers import diagnostics as diag
 from trainers.linear_teacher import _check_common
 
@@ -139,6 +139,11 @@ def _tensors(images, labels, n, device):
 
 
 def _train(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Iterator[dict]:
+    with flush_denormals():
+        yield from _steps(cfg, opt, device, seed, data)
+
+
+def _steps(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Iterator[dict]:
     from trainers.curvature import clip_update
     from trainers.mlp_curvature import CurvaturePreconditioner
 
