@@ -1,19 +1,20 @@
 """Scheduling overhead of the sweep service: the `teacher_student` sweep's wall time against the ideal
 sum(trial compute seconds) / workers. Target <= 1.5x. Last line: one JSON object.
 
-    .venv/bin/python bench/bench_sweep.py [--steps 300] [--experiment teacher_student]
+    .venv/bin/python bench/bench_sweep.py [--steps N] [--experiment teacher_student] [overrides...]
 
 Runs the real command (`python -m sweep`, embedded MLflow server, local Ray) in a temp dir, then reads
 each trial's own compute time (`trial_seconds`, timed inside the worker) back from MLflow. Two ratios:
 the trial phase (scheduling only) and the whole command (including Ray and MLflow start-up, report).
-`--steps` trims every trial's budget (default 300) so the benchmark takes minutes on 2 cores; the
-paper-scale sweep is `--steps 3000`.
+Default: the experiment as configured (teacher_student: 25 trials of 3000 steps, ~10 min on 2 cores);
+`--steps N` trims every trial for a quicker, harsher measurement (start-up weighs more).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,11 +31,12 @@ from services import sweep_env, sweep_runs  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="teacher_student")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=None, help="trim every trial to this many steps")
+    ap.add_argument("--keep-report", metavar="DIR", help="copy the sweep's report (plots, CSV) here")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        args = [f"+experiment={a.experiment}", f"trainer.steps={a.steps}", *a.overrides]
+        args = [f"+experiment={a.experiment}", *([f"trainer.steps={a.steps}"] if a.steps else []), *a.overrides]
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "sweep", *args], cwd=tmp, env=sweep_env(), capture_output=True,
                               text=True)
@@ -45,6 +47,8 @@ def main() -> None:
         workers = int(re.search(r"to run on (\d+) workers", proc.stdout).group(1))
         parents, children = sweep_runs(f"sqlite:///{tmp}/results/mlflow/mlflow.db", a.experiment)
         trial_phase = float(parents["tags.sweep.run_seconds"].iloc[0])
+        if a.keep_report:
+            shutil.copytree(Path(tmp) / "results" / "reports", a.keep_report, dirs_exist_ok=True)
         compute = children["metrics.trial_seconds"]
     ideal = compute.sum() / workers
     out = {"benchmark": "sweep_scheduling", "experiment": a.experiment, "steps": a.steps, "trials": len(children),

@@ -4,10 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import os
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 

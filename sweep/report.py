@@ -136,7 +136,7 @@ def plot_test_loss(df, h, path: Path, title: str) -> None:
     gains = sorted(df["gain"].unique(), reverse=True)
     variants = _variants(df)
     color = _colors(variants)
-    fig, axes = plt.subplots(1, len(gains), figsize=(4.2 * len(gains), 3.6), squeeze=False, sharey=False)
+    fig, axes = plt.subplots(1, len(gains), figsize=(max(4.2 * len(gains), 7.5), 3.8), squeeze=False, sharey=False)
     for ax, gain in zip(axes[0], gains):
         for v in variants:
             runs = df[(df["variant"] == v) & (df["gain"] == gain)]
@@ -144,14 +144,16 @@ def plot_test_loss(df, h, path: Path, title: str) -> None:
             if band is None:
                 continue
             mean, lo, hi = band
+            keep = mean.index > 0  # log-spaced time: the dynamics span decades of steps
             n_div = int((runs["status"] == "diverged").sum())
             label = v + (f" ({n_div} diverged)" if n_div else "")
-            ax.plot(mean.index, mean.values, color=color[v], label=label, lw=1.5)
-            ax.fill_between(mean.index, lo.values, hi.values, color=color[v], alpha=0.18, lw=0)
+            ax.plot(mean.index[keep], mean.values[keep], color=color[v], label=label, lw=1.5)
+            ax.fill_between(mean.index[keep], lo.values[keep], hi.values[keep], color=color[v], alpha=0.18, lw=0)
             if "early_stop_step" in runs:  # each seed's early-stopping point
                 es = runs.dropna(subset=["early_stop_step", "early_stop_test_loss"])
                 ax.scatter(es["early_stop_step"], es["early_stop_test_loss"], marker="v", s=28, color=color[v],
                            edgecolor="black", linewidth=0.5, zorder=3)
+        _log_x(ax)
         ax.set_yscale("log")
         ax.set_title(f"gain {gain:g}")
         ax.set_xlabel("step")
@@ -169,7 +171,7 @@ def plot_norms(df, h, path: Path, title: str) -> None:
     keys = [("conservation_drift", "conservation drift"), ("weight_norm", "weight norm  sum_i ||w_i||_F")]
     variants = _variants(df)
     color = _colors(variants)
-    fig, axes = plt.subplots(2, len(gains), figsize=(4.2 * len(gains), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(gains), figsize=(max(4.2 * len(gains), 7.5), 6.6), squeeze=False)
     for col, gain in enumerate(gains):
         for row, (key, label) in enumerate(keys):
             ax = axes[row][col]
@@ -203,7 +205,8 @@ def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> None:
     largest component outside them (noise), vs step; seed mean; the first (largest) gain."""
     gain = sorted(df["gain"].unique(), reverse=True)[0]
     variants = _variants(df)
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(variants), figsize=(max(3.6 * len(variants), 7.5), 3.4), squeeze=False,
+                             sharey=True)
     shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.8, max(len(signal_keys), 1)))
     for ax, v in zip(axes[0], variants):
         runs = df[(df["variant"] == v) & (df["gain"] == gain)]
