@@ -46,10 +46,10 @@ class LinearTeacherConf(TrainerCommon):
     width: int = 16
     depth: int = 4
     rank: int = 3
-    teacher_singular_values: List[float] = field(default_factory=lambda: [6.0, 3.0, 1.5])
+    teacher_singular_values: List[float] = field(default_factory=lambda: [3.0, 2.0, 1.0])
     train_samples: int = 16
     test_samples: int = 160
-    noise_std: float = 0.5
+    noise_std: float = 0.3
     whiten: bool = True
     init: str = "gaussian"
     balanced: bool = False

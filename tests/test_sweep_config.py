@@ -133,3 +133,15 @@ def test_help_and_cfg_job(tmp_path):
     proc, _ = run_sweep(["+experiment=mnist_gain", "dry_run=true"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 0 and "32 trials" in proc.stdout, proc.stdout + proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("trainer,module,name", [("linear_teacher", "trainers.linear_teacher", "LinearTeacherConfig"),
+                                                 ("mnist_mlp", "trainers.mnist_mlp", "MnistMlpConfig")])
+def test_trainer_yaml_defaults_equal_the_trainer_dataclass_defaults(trainer, module, name):
+    """conf/trainer/*.yaml restates the trainers' defaults; a trainer changing one must not go unnoticed."""
+    from omegaconf import OmegaConf
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [f"trainer={trainer}"])
+    ours = OmegaConf.to_container(cfg.trainer, resolve=True)
+    theirs = dataclasses.asdict(getattr(importlib.import_module(module), name)())
+    assert ours == theirs
