@@ -20,6 +20,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 log = logging.getLogger(__name__)
 
+# How long a (replacement) worker may wait for room on the cluster before the pool shrinks without it.
+WORKER_START_TIMEOUT_S = float(os.environ.get("SWEEP_WORKER_START_TIMEOUT_S", "120"))
+
 
 @ray.remote
 class TrialWorker:
@@ -117,8 +120,18 @@ class WorkerPool:
                 job.worker = worker
                 key = id(worker)
                 if key not in infos:
-                    infos[key] = self._info(worker)
-                job.info = infos.get(key) or {}
+                    info = self._info(worker)
+                    if info is None:  # never placed: the cluster lost capacity for good; shrink the pool
+                        self._drop(worker)
+                        queue.insert(0, job)
+                        if not self.workers:
+                            raise RuntimeError(
+                                f"no Ray worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s "
+                                f"(each needs {self.options['num_cpus']} CPU, {self.options['num_gpus']} GPU). "
+                                "Fix: add nodes to the cluster or lower resources.cpu / resources.gpu")
+                        continue
+                    infos[key] = info
+                job.info = infos[key]
                 job.state = cb.start(job)
                 job.stream = worker.run.remote(job.trial.config)
                 running[job.stream] = job
@@ -156,13 +169,24 @@ class WorkerPool:
                     idle.append(job.worker)
             cb.tick(len(running))
 
-    def _info(self, worker) -> dict:
-        """Node id and GPU ids of a worker (tags on its trials); waits for it to start."""
+    def _info(self, worker) -> dict | None:
+        """Node id and GPU ids of a worker (tags on its trials); waits for it to start. None when it
+        could not be placed in time (e.g. its node died and no other node has room for it)."""
         try:
-            return ray.get(worker.info.remote(), timeout=600)
-        except (RayError, GetTimeoutError) as e:
+            return ray.get(worker.info.remote(), timeout=WORKER_START_TIMEOUT_S)
+        except GetTimeoutError:
+            log.warning("worker not placed within %.0f s: dropping it from the pool", WORKER_START_TIMEOUT_S)
+            return None
+        except RayError as e:  # died while starting: its first trial will see RayActorError and retry
             log.warning("worker info unavailable: %s", e)
             return {}
+
+    def _drop(self, worker) -> None:
+        self.workers = [w for w in self.workers if w is not worker]
+        try:
+            ray.kill(worker)
+        except Exception:  # noqa: BLE001
+            pass
 
     def shutdown(self) -> None:
         for w in self.workers:
