@@ -103,7 +103,11 @@ class MlflowServer:
 
 
 def ui_command(backend_uri: str, artifacts_dir: str) -> str:
-    return (f"mlflow ui --backend-store-uri {backend_uri} --artifacts-destination {artifacts_dir} "
+    """The command that opens the UI on a store; names this environment's `mlflow` (e.g. .venv/bin/mlflow),
+    which works without activating the venv."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    exe = exe if os.path.exists(exe) else "mlflow"
+    return (f"{exe} ui --backend-store-uri {backend_uri} --artifacts-destination {artifacts_dir} "
             f"--host 127.0.0.1 --port 5000")
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -191,8 +192,9 @@ def test_diverged_trial_does_not_stop_the_embedded_sweep(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     db = tmp_path / "results" / "mlflow" / "mlflow.db"
     assert db.exists()
-    ui = re.search(r"mlflow ui --backend-store-uri (\S+)", proc.stdout)
-    assert ui and ui.group(1) == f"sqlite:///{db}"
+    ui = re.search(r"(\S*)mlflow ui --backend-store-uri (\S+)", proc.stdout)
+    assert ui and ui.group(2) == f"sqlite:///{db}"
+    assert ui.group(1) == str(Path(sys.executable).parent) + "/", "names this environment's mlflow: works without activating .venv"
     # the embedded server is gone: the store is ours to read directly
     port = int(re.search(r"tracking: http://127\.0\.0\.1:(\d+)", proc.stdout).group(1))
     with socket.socket() as s:
