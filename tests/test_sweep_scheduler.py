@@ -1,14 +1,18 @@
 """WorkerPool on a real local Ray: a worker that can never be placed shrinks the pool instead of
-blocking the sweep (the situation after a node is lost for good and no other node has room)."""
+blocking the sweep (the situation after a node is lost for good and no other node has room).
+
+Each scenario runs in its own Python process: Ray fixes its auth mode once per process, and
+tests/test_cluster.py runs its cluster with token auth in the pytest process."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-import ray
-
-from services import fresh_ray_temp_dir
-from sweep import scheduler
+HERE = Path(__file__).resolve().parent
 
 
 def _trial(seed: int) -> SimpleNamespace:
@@ -19,43 +23,59 @@ def _trial(seed: int) -> SimpleNamespace:
     return SimpleNamespace(variant="sgd", config=config)
 
 
-@pytest.fixture
-def one_cpu_ray():
+def _scenario(n_workers: int, cpu: float, n_trials: int) -> dict:
+    """Runs in the child process: a 1-CPU local Ray, a pool of `n_workers` asking `cpu` each."""
+    import ray
+
+    from services import fresh_ray_temp_dir
+    from sweep import scheduler
+    scheduler.WORKER_START_TIMEOUT_S = 3.0
     ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=fresh_ray_temp_dir(),
              log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def test_unplaceable_worker_is_dropped_and_every_trial_still_runs(one_cpu_ray, monkeypatch):
-    monkeypatch.setattr(scheduler, "WORKER_START_TIMEOUT_S", 3.0)
-    pool = scheduler.WorkerPool(n_workers=2, cpu=1, gpu=0, max_retries=0)  # room for one worker only
-    finished, statuses = [], []
+    finished, statuses, retries = [], [], []
     callbacks = scheduler.Callbacks(
         start=lambda job: None,
         records=lambda job, records: statuses.extend(r["status"] for r in records if r["kind"] == "summary"),
-        finish=lambda job, item: finished.append((job.trial.config["seed"], item["error"])),
-        retry=lambda job, reason: pytest.fail(f"unexpected retry: {reason}"),
-        give_up=lambda job, reason: pytest.fail(f"unexpected give-up: {reason}"))
+        finish=lambda job, item: finished.append([job.trial.config["seed"], item["error"]]),
+        retry=lambda job, reason: retries.append(reason), give_up=lambda job, reason: retries.append(reason))
+    pool = scheduler.WorkerPool(n_workers=n_workers, cpu=cpu, gpu=0, max_retries=0)
     try:
-        pool.run([_trial(s) for s in range(3)], callbacks)
+        pool.run([_trial(s) for s in range(n_trials)], callbacks)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
     finally:
         pool.shutdown()
-    assert sorted(finished) == [(0, None), (1, None), (2, None)]
-    assert statuses == ["finished"] * 3
-    assert len(pool.workers) == 1
+        ray.shutdown()
+    return {"finished": sorted(finished), "statuses": statuses, "retries": retries, "error": error,
+            "workers_left": len(pool.workers)}
 
 
-def test_no_placeable_worker_at_all_fails_with_the_fix(one_cpu_ray, monkeypatch):
-    monkeypatch.setattr(scheduler, "WORKER_START_TIMEOUT_S", 2.0)
-    pool = scheduler.WorkerPool(n_workers=1, cpu=2, gpu=0, max_retries=0)  # needs 2 CPUs, the cluster has 1
-    callbacks = scheduler.Callbacks(start=lambda job: None, records=lambda job, r: None,
-                                    finish=lambda job, item: None, retry=lambda job, r: None,
-                                    give_up=lambda job, r: None)
-    try:
-        with pytest.raises(RuntimeError, match="resources.cpu"):
-            pool.run([_trial(0)], callbacks)
-    finally:
-        pool.shutdown()
+def _run(*args) -> dict:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_TMPDIR"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, __file__, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_unplaceable_worker_is_dropped_and_every_trial_still_runs():
+    out = _run(2, 1, 3)  # two workers of 1 CPU on a 1-CPU cluster: one can never be placed
+    assert out["error"] is None
+    assert out["finished"] == [[0, None], [1, None], [2, None]]
+    assert out["statuses"] == ["finished"] * 3
+    assert out["retries"] == []
+    assert out["workers_left"] == 1
+
+
+def test_no_placeable_worker_at_all_fails_with_the_fix():
+    out = _run(1, 2, 1)  # the only worker needs 2 CPUs, the cluster has 1
+    assert out["finished"] == []
+    assert "no Ray worker could be placed" in out["error"] and "resources.cpu" in out["error"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_scenario(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))))
