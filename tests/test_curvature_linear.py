@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.func import jacrev
 
+from dense_reference import dense_power
 from trainers.curvature import block_factors, clip_update, natural_direction
 from trainers.matrix_functions import CurvatureOverflowError, ExplodingUpdateWarning
 
@@ -37,17 +38,6 @@ def dense_jacobian(ws):
     return jacrev(wbar_flat)(torch.cat([w.reshape(-1) for w in ws])), sizes, shapes
 
 
-def dense_power(h, v, q, eps):
-    """(h + eps)^(-1/q) v with Moore-Penrose semantics at eps = 0 (eigh, cut-off n * eps64)."""
-    if math.isinf(q):
-        return v
-    e, vecs = torch.linalg.eigh(h)
-    if eps > 0:
-        f = (e.clamp_min(0) + eps) ** (-1 / q)
-    else:
-        keep = e > h.shape[0] * torch.finfo(F64).eps * e.max()
-        f = torch.where(keep, e.clamp_min(1e-300) ** (-1 / q), torch.zeros_like(e))
-    return vecs @ (f * (vecs.T @ v))
 
 
 def dense_reference(ws, delta, q, structure, eps, sigma):

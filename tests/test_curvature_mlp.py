@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from dense_reference import dense_power
 from trainers.matrix_functions import CurvatureOverflowError, ExplodingUpdateWarning
 from trainers.mlp_curvature import CurvaturePreconditioner
 
@@ -73,16 +74,6 @@ def dense_ggn(model, x, y, loss):
     return ggn, g, sizes
 
 
-def dense_power(h, v, q, eps):
-    if math.isinf(q):
-        return v
-    e, vecs = torch.linalg.eigh(h)
-    if eps > 0:
-        f = (e.clamp_min(0) + eps) ** (-1 / q)
-    else:
-        keep = e > h.shape[0] * torch.finfo(F64).eps * e.max()
-        f = torch.where(keep, e.clamp_min(1e-300) ** (-1 / q), torch.zeros_like(e))
-    return vecs @ (f * (vecs.T @ v))
 
 
 def preconditioned(model, x, y, **kw):
