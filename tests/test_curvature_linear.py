@@ -38,8 +38,6 @@ def dense_jacobian(ws):
     return jacrev(wbar_flat)(torch.cat([w.reshape(-1) for w in ws])), sizes, shapes
 
 
-
-
 def dense_reference(ws, delta, q, structure, eps, sigma):
     jt, sizes, shapes = dense_jacobian(ws)
     metric = torch.kron(torch.eye(ws[-1].shape[0], dtype=F64), sigma)     # X -> X Sigma, row-major vec

@@ -74,8 +74,6 @@ def dense_ggn(model, x, y, loss):
     return ggn, g, sizes
 
 
-
-
 def preconditioned(model, x, y, **kw):
     pre = CurvaturePreconditioner(model, **kw)
     model.zero_grad()
