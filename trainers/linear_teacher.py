@@ -195,10 +195,8 @@ def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[d
     weights = [w.to(device) for w in weights]
     sigma_x = None if cfg.whiten else task.sigma_x  # whitened: exactly the identity by construction
 
-    def losses(wbar):
-        train = 0.5 * (wbar @ task.x_train - task.y_train).square().sum(0).mean()
-        test = 0.5 * (wbar @ task.x_test - task.y_test).square().sum(0).mean()
-        return float(train), float(test)
+    def loss(wbar, x, y):
+        return float(0.5 * (wbar @ x - y).square().sum(0).mean())
 
     schedule = diag.EvalSchedule(cfg.steps, cfg.eval_every, cfg.log_eval)
     tracker = diag.SummaryTracker()
@@ -206,8 +204,9 @@ def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[d
     clipped, update_norm = 0, 0.0
     for step in range(cfg.steps + 1):
         wbar = _product(weights)
-        if step in schedule or step == cfg.steps:
-            train_loss, test_loss = losses(wbar)
+        train_loss = loss(wbar, task.x_train, task.y_train)
+        if step in schedule:  # the schedule holds the last step too
+            test_loss = loss(wbar, task.x_test, task.y_test)
             norms = diag.weight_norms(weights)
             reason = diag.divergence_reason(train_loss, norms["weight_norm"], cfg.max_weight_norm)
             if reason:
@@ -222,7 +221,6 @@ def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[d
             yield tracker.eval(step, metrics)
         else:
             norm = sum(float(torch.linalg.matrix_norm(w)) for w in weights)
-            train_loss = float(0.5 * (wbar @ task.x_train - task.y_train).square().sum(0).mean())
             reason = diag.divergence_reason(train_loss, norm, cfg.max_weight_norm)
             if reason:
                 yield tracker.summary(step, clipped_updates=clipped, diverged_reason=reason)
