@@ -48,9 +48,13 @@ class _Op:
 
 
 class Tracker:
-    def __init__(self, uri: str, retry_s: float = 300.0):
+    def __init__(self, uri: str, retry_s: float = 300.0, artifacts_dir: str | None = None):
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        # tags every run created here carries (provenance: sweep/provenance.py)
+        self.default_tags: dict[str, str] = {}
+        # where `mlflow-artifacts:/` points when the store is read directly, without its server
+        self.artifacts_dir = artifacts_dir
         self.retry_s = retry_s
         self.errors: list[str] = []
         self.outage_s = 0.0
@@ -135,18 +139,50 @@ class Tracker:
         return parents[0] if parents else None
 
     def create_parent(self, experiment_id: str, run_name: str, tags: dict) -> str:
-        run = self.call(self.client.create_run, experiment_id, tags=tags, run_name=run_name)
+        run = self.call(self.client.create_run, experiment_id, tags={**self.default_tags, **tags}, run_name=run_name)
         return run.info.run_id
 
     def children(self, experiment_id: str, parent_id: str) -> list:
         return self.search(experiment_id, f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+    def finished_trials(self, experiment_id: str) -> dict:
+        """trial.key -> a FINISHED child run of any sweep of this experiment (the earliest): a trial
+        with the same resolved config need not run again when a grid grows (e.g. one more seed)."""
+        out: dict = {}
+        runs = self.search(experiment_id, "attributes.status = 'FINISHED'")
+        for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+            key = run.data.tags.get("trial.key")
+            if key and PARENT_TAG in run.data.tags and key not in out:
+                out[key] = run
+        return out
+
+    def reuse(self, run_id: str, sweep_id: str) -> None:
+        """Mark a finished run of another sweep as a trial of `sweep_id` too (the report reads it)."""
+        self.call(self.client.set_tag, run_id, f"sweep.reused_by.{sweep_id}", "true")
+
+    def reused_runs(self, experiment_id: str, sweep_id: str) -> list:
+        return self.search(experiment_id, f"tags.`sweep.reused_by.{sweep_id}` = 'true'")
+
+    def log_artifact(self, run_id: str, path, artifact_path: str | None = None) -> None:
+        """Upload a file to a run (directly into `artifacts_dir` when the store is read without its server)."""
+        if self.artifacts_dir and not str(self.uri).startswith(("http://", "https://")):
+            uri = self.call(self.client.get_run, run_id).info.artifact_uri
+            if uri.startswith("mlflow-artifacts:"):
+                import shutil
+                from pathlib import Path
+                dest = Path(self.artifacts_dir) / uri.split(":", 1)[1].lstrip("/") / (artifact_path or "")
+                dest.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / Path(path).name)
+                return
+        self.call(self.client.log_artifact, run_id, str(path), artifact_path)
 
     def start_child(self, experiment_id: str, parent_id: str, run_name: str, tags: dict,
                     params: dict) -> RunHandle:
         handle = RunHandle()
 
         def create():
-            run = self.client.create_run(experiment_id, tags={PARENT_TAG: parent_id, **tags}, run_name=run_name)
+            run = self.client.create_run(experiment_id, tags={**self.default_tags, PARENT_TAG: parent_id, **tags},
+                                         run_name=run_name)
             handle.run_id = run.info.run_id
             items = [Param(k, v) for k, v in params.items()]
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
