@@ -92,17 +92,84 @@ def main(cfg: DictConfig) -> None:
 
 
 def _print_plan(cfg: DictConfig, trials: list[grid.Trial], console: Console) -> None:
+    from rich import box
     from rich.table import Table
-    table = Table(title=f"{cfg.name}: {len(trials)} trials (dry run: nothing started)")
+
+    from .report import fmt_gain
+    table = Table(title=f"{cfg.name}: {len(trials)} trials (dry run: nothing started)", box=box.SIMPLE_HEAD,
+                  title_justify="left", pad_edge=False)
     for col in ("variant", "gain", "seed", "lr", "damping", "clip", "trial.key"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for t in trials:
         o = t.config["optimizer"]
-        table.add_row(t.variant, f"{t.gain:g}", str(t.seed), f"{o['lr']:g}", f"{o['damping']:g}",
+        table.add_row(t.variant, fmt_gain(t.gain), str(t.seed), f"{o['lr']:g}", f"{o['damping']:g}",
                       str(o["clip"]), t.key)
     console.print(table)
+    _print_costs(cfg, trials, console)
+
+
+def _print_costs(cfg: DictConfig, trials: list[grid.Trial], console: Console) -> None:
+    """Estimated cost per variant, from the finished trials of this experiment already in the store
+    (the same per-trial seconds the scheduler learns while it runs)."""
+    from rich import box
+    from rich.table import Table
+
+    from .progress import estimate
+    est = estimate(cfg, trials)
+    if est is None:
+        console.print("estimated cost: unknown until a trial of each variant has run (no finished trials of "
+                      "this experiment in the store yet); the sweep learns it from its first trials", highlight=False)
+        return
+    per_variant, workers, where = est
+    table = Table(title=f"estimated cost (from {where})", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for col in ("variant", "trials", "to run", "s/trial", "total s"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    total, unknown = 0.0, []
+    for v, (n, todo, s) in per_variant.items():
+        table.add_row(v, str(n), str(todo), "?" if s is None else f"{s:.1f}", "?" if s is None else f"{s * todo:.0f}")
+        if s is None:
+            unknown.append(v)
+        else:
+            total += s * todo
+    console.print(table)
+    console.print(f"about {total / workers:.0f} s of trials on {workers} workers"
+                  + (f" plus {', '.join(unknown)} (no earlier trials)" if unknown else "")
+                  + "; Ray and MLflow start in ~10-20 s", highlight=False)
 
 
 def entry() -> None:
+    """`python -m sweep ui|report ...` are plain commands (no Hydra); anything else is the sweep."""
+    argv = sys.argv[1:]
+    if argv[:1] == ["ui"]:
+        from .ui import main as ui_main
+        sys.exit(ui_main(argv[1:]))
+    if argv[:1] == ["report"]:
+        from .report import main as report_main
+        sys.exit(report_main(argv[1:]))
+    if "--help" in argv or "-h" in argv:
+        _help()
+        return
     # Hydra's own messages for a bad group option or an unknown key exit 1; ours exit 2.
     main()
+
+
+def _help() -> None:
+    """Hydra's --help without the internal `*_schema` options (they validate configs; nobody picks them)."""
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main()
+        except SystemExit:
+            pass
+    out = []
+    for line in buf.getvalue().splitlines():
+        if ": " in line and "_schema" in line and not line.startswith(" "):
+            group, options = line.split(": ", 1)
+            line = f"{group}: " + ", ".join(o for o in options.split(", ") if not o.endswith("_schema"))
+        out.append(line)
+    print("\n".join(out))
+    print("\nOther commands:\n  python -m sweep ui [--results DIR] [--experiment NAME] [--port P]   "
+          "the MLflow UI on the results\n  python -m sweep report [--results DIR] [--experiment NAME]        "
+          "re-render the report (no Ray)")

@@ -12,7 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from . import grid
-from .services import MlflowServer, start_ray, ui_command
+from . import provenance
+from .services import MlflowServer, free_port, start_ray
+from .ui import record_timings, runs_url, ui_command
 
 log = logging.getLogger("sweep")
 
@@ -27,6 +29,7 @@ class Sweep:
         self.sweep_id = sweep_id(self.experiment, trials)
         self.failed: list[str] = []
         self.progress = None
+        self.streamed: list = []  # (run handle, metrics) as logged: the report draws from these
 
     # ---- resume
     def open(self) -> list[grid.Trial]:
@@ -53,6 +56,14 @@ class Sweep:
         for run in children:  # leftovers of an interrupted run: exactly one visible run per key
             if finished.get(run.data.tags.get("trial.key")) != run.info.run_id:
                 tr.call(tr.client.delete_run, run.info.run_id)
+        # finished trials of other grids of this experiment (same trial key = same resolved config)
+        self.past = tr.finished_trials(self.exp_id)
+        for key in sorted(keys - set(finished)):
+            run = self.past.get(key)
+            if run is not None:
+                if run.data.tags.get(f"sweep.reused_by.{self.sweep_id}") != "true":
+                    tr.reuse(run.info.run_id, self.sweep_id)
+                finished[key] = run.info.run_id
         self.resumed = finished
         return [t for t in self.trials if t.key not in finished]
 
@@ -71,9 +82,8 @@ class Sweep:
                 "seed": str(t.seed), "status": "running", "attempt": str(job.attempt), "sweep.id": self.sweep_id,
                 "node.id": job.info.get("node_id", ""), "worker.gpu_ids": ",".join(job.info.get("gpu_ids", [])),
                 "worker.torch_device": job.info.get("torch_device", "")}
-        name = f"{t.variant} g={t.gain:g} s={t.seed}"
-        self.progress.running += 1
-        self.progress.update()
+        name = run_name(t)
+        self.progress.started(job.trial, name)
         return self.tracker.start_child(self.exp_id, self.parent_id, name, tags, grid.flatten_params(t.config))
 
     def records(self, job, records: list) -> None:
@@ -85,9 +95,9 @@ class Sweep:
                 job.summary = r
                 metrics += [(k, v, r.get("step") or 0) for k, v in r["metrics"].items() if _number(v)]
         self.tracker.log_metrics(job.state, metrics)
+        self.streamed.append((job.state, metrics))
 
     def finish(self, job, item: dict) -> None:
-        self.progress.running -= 1
         summary = getattr(job, "summary", None)
         if item.get("compute_s") is not None:
             self.tracker.log_metrics(job.state, [("trial_seconds", item["compute_s"], 0)])
@@ -97,7 +107,7 @@ class Sweep:
             self.tracker.end(job.state, "FAILED")
             self.failed.append(f"{job.trial.variant} gain={job.trial.gain:g} seed={job.trial.seed}: "
                                f"{error.strip().splitlines()[-1]}")
-            self.progress.failed += 1
+            self.progress.ended(job.trial, "failed", None, item.get("compute_s"))
         else:
             status = summary.get("status", "finished")
             tags = {"status": status}
@@ -107,26 +117,20 @@ class Sweep:
                 tags["reason"] = str(summary["reason"])[:4000]
             self.tracker.set_tags(job.state, tags)
             self.tracker.end(job.state, "FINISHED")
-            self.progress.done += 1
-            self.progress.diverged += status == "diverged"
-        self.progress.update()
+            self.progress.ended(job.trial, status, summary.get("metrics", {}), item.get("compute_s"))
 
     def retry(self, job, reason: str) -> None:
         """The worker died: drop this attempt's run (the retry gets a fresh one, attempt + 1)."""
-        self.progress.running -= 1
-        self.progress.retried += 1
         self.tracker.delete(job.state)
         log.warning("trial %s attempt %d lost (%s); retrying", job.trial.key, job.attempt, reason)
-        self.progress.update()
+        self.progress.ended(job.trial, "retried", None, None)
 
     def give_up(self, job, reason: str) -> None:
-        self.progress.running -= 1
         self.tracker.set_tags(job.state, {"status": "failed", "error": f"worker died: {reason}"})
         self.tracker.end(job.state, "FAILED")
         self.failed.append(f"{job.trial.variant} gain={job.trial.gain:g} seed={job.trial.seed}: worker died "
                            f"{job.attempt} times ({reason})")
-        self.progress.failed += 1
-        self.progress.update()
+        self.progress.ended(job.trial, "failed", None, None)
 
     def dedupe(self) -> None:
         """After the sweep: keep exactly one visible run per key (a retried create can leave a spare)."""
@@ -140,6 +144,12 @@ class Sweep:
                 tr.call(tr.client.delete_run, run.info.run_id)
             else:
                 best[key] = run
+
+
+def run_name(t: grid.Trial) -> str:
+    """Short and distinct in MLflow's runs table: variant, gain, seed."""
+    from .report import fmt_gain
+    return f"{t.variant} g{fmt_gain(t.gain)} s{t.seed}"
 
 
 def _number(v) -> bool:
@@ -207,14 +217,15 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
         uri = server.wait_ready().uri if server else cfg.tracking.uri
         log.info("tracking ready after %.1fs", time.monotonic() - started)
         tracker = Tracker(uri, cfg.tracking.retry_s)
+        tracker.default_tags = provenance.tags()
         sweep = Sweep(cfg, trials, tracker, console)
         todo = sweep.open()
         console.print(f"tracking: {uri} experiment '{sweep.experiment}' parent run {sweep.parent_id} "
                       f"(sweep.id {sweep.sweep_id}); {len(sweep.resumed)} trials already finished, "
-                      f"{len(todo)} to run on {n_workers} workers")
+                      f"{len(todo)} to run on {n_workers} workers", highlight=False)
+        console.print(f"watch it live: {runs_url(uri, sweep.exp_id)}", soft_wrap=True, highlight=False)
         pool = WorkerPool(n_workers, cfg.resources.cpu, cfg.resources.gpu, cfg.sweep.max_retries)
-        with SweepProgress(len(trials), len(sweep.resumed), console) as progress:
-            progress.done = len(sweep.resumed)
+        with SweepProgress(todo, len(sweep.resumed), n_workers, console, sweep.past) as progress:
             sweep.progress = progress
             t_run = time.monotonic()
             pool.run(todo, Callbacks(start=sweep.start, records=sweep.records, finish=sweep.finish,
@@ -229,7 +240,7 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
         tracker.flush()
         log.info("report done after %.1fs", time.monotonic() - started)
         failed = bool(sweep.failed) or bool(tracker.errors)
-        tracker.call(tracker.client.set_tag, sweep.parent_id, "sweep.run_seconds", f"{run_s:.1f}")
+        record_timings(tracker, sweep.parent_id, run_s if todo else 0.0, time.monotonic() - started)
         tracker.call(tracker.client.set_terminated, sweep.parent_id, "FAILED" if failed else "FINISHED")
         for line in sweep.failed:
             console.print(f"[red]failed:[/] {line}")
@@ -239,9 +250,12 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
                       f"{uri if server is None else results} · experiment '{sweep.experiment}', "
                       f"parent run {sweep.parent_id}")
         if server is not None:
-            console.print("Open the MLflow UI on these results:\n  " + ui_command(backend, artifacts), soft_wrap=True)
+            port = free_port()
+            console.print(f"Open the runs table: {ui_command(results, sweep.experiment, port)}\n"
+                          f"  then {runs_url(f'http://127.0.0.1:{port}', sweep.exp_id)}",
+                          soft_wrap=True, highlight=False)
         else:
-            console.print(f"MLflow UI: {uri}/#/experiments/{sweep.exp_id}/runs/{sweep.parent_id}", soft_wrap=True)
+            console.print(f"Open the runs table: {runs_url(uri, sweep.exp_id)}", soft_wrap=True, highlight=False)
         code = 1 if failed else 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")

@@ -64,7 +64,7 @@ def test_smoke_sweep_end_to_end(mlflow_server, experiment_name, tmp_path):
     np.testing.assert_allclose(c["metrics.weight_norm_divergence"], expected, rtol=1e-9)
     # report artifacts on the parent, and the summary table agrees with the runs
     names = {a.path for a in client.list_artifacts(parent_id, "report")}
-    assert names >= {"report/summary.csv", "report/test_loss.png", "report/drift_and_weight_norm.png",
+    assert names >= {"report/summary.csv", "report/learning_curves.png", "report/drift_and_weight_norm.png",
                      "report/modes.png"}
     local = client.download_artifacts(parent_id, "report/summary.csv", str(tmp_path))
     summary = pd.read_csv(local)
@@ -73,7 +73,7 @@ def test_smoke_sweep_end_to_end(mlflow_server, experiment_name, tmp_path):
     runs = c[(c["tags.optimizer"] == "sqrt_ngd_d") & (c["gain"] == 0.01)]["metrics.final_test_loss"]
     assert row["final_test_loss_mean"] == pytest.approx(runs.mean(), rel=1e-9)
     assert row["final_test_loss_std"] == pytest.approx(runs.std(ddof=0), rel=1e-9)
-    for png in ("test_loss.png", "modes.png"):
+    for png in ("learning_curves.png", "modes.png"):
         head = Path(client.download_artifacts(parent_id, f"report/{png}", str(tmp_path))).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n"
     assert "mean ± std over seeds" in proc.stdout and f"parent run {parent_id}" in out
@@ -192,9 +192,10 @@ def test_diverged_trial_does_not_stop_the_embedded_sweep(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     db = tmp_path / "results" / "mlflow" / "mlflow.db"
     assert db.exists()
-    ui = re.search(r"(\S*)mlflow ui --backend-store-uri (\S+)", proc.stdout)
-    assert ui and ui.group(2) == f"sqlite:///{db}"
-    assert ui.group(1) == str(Path(sys.executable).parent) + "/", "names this environment's mlflow: works without activating .venv"
+    ui = re.search(r"Open the runs table: (\S+) -m sweep ui --results (\S+)", proc.stdout)
+    assert ui and Path(ui.group(2)) == tmp_path / "results"
+    assert Path(tmp_path, ui.group(1)).resolve() == Path(sys.executable).resolve(), \
+        "names this environment's python: works without activating .venv"
     # the embedded server is gone: the store is ours to read directly
     port = int(re.search(r"tracking: http://127\.0\.0\.1:(\d+)", proc.stdout).group(1))
     with socket.socket() as s:
