@@ -36,9 +36,12 @@ def _version(package: str) -> str:
 @lru_cache(maxsize=1)
 def tags() -> dict[str, str]:
     """The provenance tags of this process (computed once: every run of a sweep shares them)."""
-    command = shlex.join(["python", "-m", "sweep", *sys.argv[1:]]) if sys.argv[0].endswith(
+    args = sys.argv[1:]
+    command = shlex.join(["python", "-m", "sweep", *args]) if sys.argv[0].endswith(
         ("sweep/__main__.py", "-m")) else shlex.join(sys.argv)
-    out = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command, "mlflow.user": _user(),
+    # the UI shows a source name after its last '/': keep the short, path-free part of the command there
+    source = " ".join(["sweep", *(a for a in args if "/" not in a)])
+    out = {"mlflow.source.type": "LOCAL", "mlflow.source.name": source, "mlflow.user": _user(),
            "sweep.command": command, "sweep.host": socket.gethostname(),
            "sweep.python": platform.python_version(), "sweep.platform": platform.platform(terse=True)}
     commit = _git("rev-parse", "HEAD")

@@ -14,7 +14,7 @@ from rich.console import Console
 from . import grid
 from . import provenance
 from .services import MlflowServer, free_port, start_ray
-from .ui import record_timings, runs_url, ui_command
+from .ui import record_timings, run_url, runs_url, ui_command
 
 log = logging.getLogger("sweep")
 
@@ -249,13 +249,17 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
         console.print(f"done in {time.monotonic() - started:.0f}s (trials {run_s:.0f}s). Results: "
                       f"{uri if server is None else results} · experiment '{sweep.experiment}', "
                       f"parent run {sweep.parent_id}")
-        if server is not None:
+        if server is not None:  # the embedded server is gone with this command: `sweep ui` serves the store
             port = free_port()
+            host = f"http://127.0.0.1:{port}"
             console.print(f"Open the runs table: {ui_command(results, sweep.experiment, port)}\n"
-                          f"  then {runs_url(f'http://127.0.0.1:{port}', sweep.exp_id)}",
+                          f"  then the trials: {runs_url(host, sweep.exp_id)}\n"
+                          f"  the summary:     {run_url(host, sweep.exp_id, sweep.parent_id)}",
                           soft_wrap=True, highlight=False)
         else:
-            console.print(f"Open the runs table: {runs_url(uri, sweep.exp_id)}", soft_wrap=True, highlight=False)
+            console.print(f"Open the runs table: {runs_url(uri, sweep.exp_id)}\n"
+                          f"  the summary: {run_url(uri, sweep.exp_id, sweep.parent_id)}", soft_wrap=True,
+                          highlight=False)
         code = 1 if failed else 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are kept; run the same command again to resume")

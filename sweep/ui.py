@@ -9,13 +9,24 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
 
 def runs_url(server: str, experiment_id: str) -> str:
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The runs table in model-training mode, listing the trials (child runs: flat, not folded under
+    their parent) sorted by name, so variant, gain and seed read down the first column."""
+    from urllib.parse import quote, urlencode
+    query = urlencode({"workflowType": "machine_learning", "searchFilter": "tags.`trial.key` != ''",
+                       "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"}, quote_via=quote)
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    """One run's page (the parent's shows the summary as its description)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def ui_command(results: Path | str, experiment: str | None = None, port: int | None = None) -> str:
@@ -87,7 +98,10 @@ def main(argv: list[str]) -> int:
     from .services import MlflowServer, free_port
     results = Path(a.results).resolve()
     backend, artifacts = store_of(results)
-    exp_id, exp_name = experiment_id(MlflowClient(backend), a.experiment)
+    client = MlflowClient(backend)
+    exp_id, exp_name = experiment_id(client, a.experiment)
+    parents = client.search_runs([exp_id], "tags.`sweep.id` != ''", order_by=["attributes.start_time DESC"])
+    parent = next((r for r in parents if "mlflow.parentRunId" not in r.data.tags), None)
     port = a.port
     if port is not None and not _free(a.host, port):
         new = free_port(a.host)
@@ -96,11 +110,14 @@ def main(argv: list[str]) -> int:
     (results / "logs").mkdir(parents=True, exist_ok=True)
     server = MlflowServer(backend, artifacts, port=port, host=a.host, log_path=results / "logs" / "mlflow-ui.log")
     t0 = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl-C does: the server goes too
     server.start()
     try:
         server.wait_ready()
         print(f"MLflow UI ready in {time.monotonic() - t0:.0f} s (one worker; Ctrl-C stops it). "
-              f"Runs of '{exp_name}':\n  {runs_url(server.uri, exp_id)}", flush=True)
+              f"Trials of '{exp_name}':\n  {runs_url(server.uri, exp_id)}", flush=True)
+        if parent is not None:
+            print(f"the summary of its latest sweep:\n  {run_url(server.uri, exp_id, parent.info.run_id)}", flush=True)
         while server.proc.poll() is None:
             time.sleep(0.5)
         print(f"error: the MLflow UI exited with code {server.proc.returncode}; see {server.log_path}")
@@ -109,6 +126,10 @@ def main(argv: list[str]) -> int:
         return 0
     finally:
         server.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _free(host: str, port: int) -> bool:
