@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -12,12 +13,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from . import grid, schema
-from .validate import ConfigError, check_optimizer_name, check_service
+from .validate import ConfigError, check_known_keys, check_optimizer_name, check_service, check_trial_data
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 log = logging.getLogger("sweep")
@@ -63,8 +64,12 @@ def plan(cfg: DictConfig) -> list[grid.Trial]:
             for v in axis.values:
                 if v not in schema.TRAINERS:
                     raise ConfigError("sweep.axes.trainer", f"has {v!r}", f"use one of {', '.join(schema.TRAINERS)}")
+    check_known_keys(cfg, schema.Config)
     check_service(cfg)
     trials = grid.expand(cfg, _composer(task), cli_values, cli_groups)
+    if cfg.cluster.address is None:  # a local Ray's workers read this filesystem
+        for root in {json.dumps(t.config["trainer"].get("data")) for t in trials}:
+            check_trial_data({"trainer": {"data": json.loads(root)}})
     return trials
 
 
@@ -149,8 +154,12 @@ def entry() -> None:
     if "--help" in argv or "-h" in argv:
         _help()
         return
-    # Hydra's own messages for a bad group option or an unknown key exit 1; ours exit 2.
-    main()
+    try:
+        _precompose(argv)
+        main()
+    except KeyboardInterrupt:  # Ctrl-C while composing or planning: nothing has started yet
+        print("interrupted before anything started", file=sys.stderr)
+        sys.exit(130)
 
 
 def _help() -> None:
@@ -173,3 +182,82 @@ def _help() -> None:
     print("\nOther commands:\n  python -m sweep ui [--results DIR] [--experiment NAME] [--port P]   "
           "the MLflow UI on the results\n  python -m sweep report [--results DIR] [--experiment NAME]        "
           "re-render the report (no Ray)")
+
+
+def _precompose(args: list[str]) -> None:
+    """Compose once before Hydra does, so a bad override is one line naming the field (exit 2) rather
+    than Hydra's multi-line report. Flags (--help, --cfg, -m ...) are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    _compose_or_exit(args)
+
+
+def _compose_or_exit(args: list[str], **kwargs) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            return compose("config", args, **kwargs)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        print(f"error: {_unparsable(args) or hydra_error_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_args(args: list[str]) -> list[grid.Trial]:
+    """Everything `python -m sweep ARGS` checks before it starts anything, in this process: raises
+    SystemExit(2) with the one-line message on stderr for a bad invocation. Tests call it for many
+    invocations in one process."""
+    from hydra import initialize_config_dir
+    cfg = _compose_or_exit(args, return_hydra_config=True)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            return plan(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _unparsable(args: list[str]) -> str | None:
+    """The first override Hydra's grammar cannot read, named by its key."""
+    parser = OverridesParser.create()
+    for a in args:
+        try:
+            parser.parse_overrides([a])
+        except Exception:  # noqa: BLE001 - Hydra raises its own parse errors
+            key = a.split("=", 1)[0]
+            return (f"{key} cannot be parsed from {a!r} (Hydra's override grammar). Fix: write key=value with an "
+                    "ASCII key; quote values with brackets, spaces or non-ASCII text, e.g. "
+                    "'sweep.seeds=[0,1]' or 'name=\"résumé\"'")
+    return None
+
+
+def hydra_error_line(e: Exception) -> str:
+    """Hydra's / OmegaConf's multi-line error as one line: the field, the problem, the fix."""
+    text = str(e)
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "full_key" in str(cause):
+        text = str(cause) if "full_key" not in text else text
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = [ln for ln in lines[lines.index("Available options in " + f"'{group}':") + 1:]
+                   if not ln.startswith(("Config search path", "provider="))] \
+            if f"Available options in '{group}':" in lines else []
+        options = [o for o in options if not o.endswith("_schema") and not o.startswith("Set the environment")]
+        return (f"{group}={option} is not a config option. Fix: use one of {', '.join(options)}"
+                if options else f"{group}={option} is not a config option. Fix: see conf/{group}/")
+    first = lines[0] if lines else type(e).__name__
+    if "no viable alternative" in text or "mismatched input" in text or "extraneous input" in text:
+        return (f"cannot parse the command line ({first}). Fix: write overrides as key=value; quote values "
+                "with brackets or spaces, e.g. 'sweep.seeds=[0,1]'")
+    if full_key is None:
+        return f"{first}. Fix: check the override against `python -m sweep --help`"
+    if "not in" in text and "Key '" in text:
+        return (f"{full_key} is not a field ({next(ln for ln in lines if ln.startswith('Key '))}). Fix: check "
+                "the spelling (`python -m sweep +experiment=NAME --cfg job` lists the fields)")
+    problem = next((ln for ln in lines if ln.startswith("Value ")), first)
+    return f"{full_key}: {problem}. Fix: give {full_key} a value of the field's type"

@@ -1,77 +1,71 @@
 """Structured config schemas (Hydra ConfigStore) for `python -m sweep`.
 
 Why: Hydra checks every key and type against these dataclasses while composing, so an unknown key or a
-wrong type fails before anything starts. Field names mirror the trainers' dataclasses
-(`trainers.linear_teacher.LinearTeacherConfig`, `trainers.mnist_mlp.MnistMlpConfig`) exactly;
-tests/test_sweep_config.py compares them so the two cannot drift apart.
+wrong type fails before anything starts. The trial sections (optimizer, trainer) are generated from the
+trainers' own dataclasses (`trainers.OptimizerConfig`, `trainers.linear_teacher.LinearTeacherConfig`,
+`trainers.mnist_mlp.MnistMlpConfig`): a field is declared in one place, the trainer. The service's
+own sections are declared here.
 """
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-OPTIMIZERS = ("sgd", "ngd", "sqrt_ngd", "ngd_d", "sqrt_ngd_d", "qngd", "qngd_d")
-TRAINERS = ("linear_teacher", "mnist_mlp")
+import trainers
+from trainers.linear_teacher import LinearTeacherConfig
+from trainers.mnist_mlp import DataConfig, MnistMlpConfig
+
+OptimizerConfig = trainers.OptimizerConfig
+OPTIMIZERS = tuple(trainers.OPTIMIZERS)
+TRAINERS = tuple(trainers.TRAINERS)
 
 
-@dataclass
-class OptimizerConf:
-    name: str = MISSING
-    q: float = float("inf")
-    structure: str = "full"
-    lr: float = MISSING
-    damping: float = 0.0
-    clip: Optional[float] = None
-    rtol: Optional[float] = None
+def _mirror(cls: type, name: str) -> type:
+    """A ConfigStore schema with exactly the fields, types and defaults of a trainer's dataclass.
+
+    Why generated: the trainers' dataclasses are the one place a field is declared (adding one there
+    is enough); Hydra then rejects unknown keys and wrong types while composing, and the values are
+    checked by the trainers' own rules before anything starts (sweep/validate.py)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = _omegaconf_type(hints[f.name])
+        if dataclasses.is_dataclass(kind):
+            spec = field(default_factory=kind)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = field(default_factory=f.default_factory)
+        else:
+            spec = field(default=f.default)
+        fields.append((f.name, kind, spec))
+    return dataclasses.make_dataclass(name, fields)
 
 
-@dataclass
-class TrainerCommon:
-    name: str = MISSING
-    gain: float = 1.0
-    steps: int = 1000
-    eval_every: int = 10
-    log_eval: bool = False
-    max_weight_norm: float = 1.0e4
+def _omegaconf_type(t):
+    """`float | None` -> Optional[float], `list[int]` -> List[int], nested dataclasses mirrored too
+    (OmegaConf 2.3 knows the typing spellings only)."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return Optional[_omegaconf_type(inner[0])] if len(inner) == 1 else Any
+    if origin is list:
+        return List[_omegaconf_type(args[0])] if args else List[Any]
+    if origin is dict:
+        return Dict[str, Any]
+    if dataclasses.is_dataclass(t):
+        return _mirror(t, t.__name__.replace("Config", "Conf"))
+    return t
 
 
-@dataclass
-class LinearTeacherConf(TrainerCommon):
-    name: str = "linear_teacher"
-    gain: float = 0.1
-    max_weight_norm: float = 1.0e4
-    width: int = 16
-    depth: int = 4
-    rank: int = 3
-    teacher_singular_values: List[float] = field(default_factory=lambda: [3.0, 2.0, 1.0])
-    train_samples: int = 16
-    test_samples: int = 160
-    noise_std: float = 0.3
-    whiten: bool = True
-    init: str = "gaussian"
-    balanced: bool = False
-
-
-@dataclass
-class DataConf:
-    name: str = "mnist"
-    root: Optional[str] = None
-    cache_dir: Optional[str] = None
-
-
-@dataclass
-class MnistMlpConf(TrainerCommon):
-    name: str = "mnist_mlp"
-    layers: List[int] = field(default_factory=lambda: [784, 300, 100, 30, 10])
-    batch_size: int = 128
-    epochs: Optional[float] = None
-    loss: str = "cross_entropy"
-    train_subset: Optional[int] = None
-    test_subset: Optional[int] = None
-    data: DataConf = field(default_factory=DataConf)
+OptimizerConf = _mirror(OptimizerConfig, "OptimizerConf")
+LinearTeacherConf = _mirror(LinearTeacherConfig, "LinearTeacherConf")
+MnistMlpConf = _mirror(MnistMlpConfig, "MnistMlpConf")
+DataConf = _mirror(DataConfig, "DataConf")
 
 
 @dataclass

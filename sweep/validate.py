@@ -2,9 +2,13 @@
 the CLI prints it as one line and exits 2, having created nothing."""
 from __future__ import annotations
 
+import difflib
 import math
+import os
 import re
 import socket
+import tempfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 from .schema import OPTIMIZERS, TRAINERS
@@ -13,7 +17,8 @@ from .schema import OPTIMIZERS, TRAINERS
 class ConfigError(Exception):
     def __init__(self, field: str, problem: str, fix: str):
         self.field, self.problem, self.fix = field, problem, fix
-        super().__init__(f"{field} {problem}. Fix: {fix}")
+        sep = "" if problem.startswith("=") else " "
+        super().__init__(f"{field}{sep}{problem}. Fix: {fix}")
 
 
 def _positive(value, field: str, fix: str) -> None:
@@ -27,41 +32,64 @@ def check_optimizer_name(name: str, field: str = "optimizer.name") -> None:
                           f"use one of {', '.join(OPTIMIZERS)}")
 
 
-def check_trial(c: dict) -> None:
-    """Value checks the type schema cannot express, on one resolved trial config."""
-    o, t = c["optimizer"], c["trainer"]
-    check_optimizer_name(o["name"])
-    q = o["q"]
-    if not (q >= 1):
-        raise ConfigError("optimizer.q", f"must be >= 1 (or .inf for SGD), got {q!r}",
-                          "use q >= 1: 1 is NGD, 2 is sqrtNGD, .inf is SGD")
-    if o["structure"] not in ("full", "block"):
-        raise ConfigError("optimizer.structure", f"is {o['structure']!r}", "use full or block")
-    _positive(o["lr"], "optimizer.lr", "give a positive learning rate, e.g. optimizer.lr=0.01")
-    if not (o["damping"] >= 0):
-        raise ConfigError("optimizer.damping", f"must be >= 0, got {o['damping']!r}", "use 0 for none")
-    if o["clip"] is not None:
-        _positive(o["clip"], "optimizer.clip", "give a positive max update norm, or null for no clipping")
-    if o["rtol"] is not None and not (0 <= o["rtol"] < 1):
-        raise ConfigError("optimizer.rtol", f"must be in [0, 1), got {o['rtol']!r}", "use null for torch's default")
-    if t["name"] not in TRAINERS:
-        raise ConfigError("trainer.name", f"is {t['name']!r}", f"use one of {', '.join(TRAINERS)}")
-    _positive(t["gain"], "trainer.gain", "give a positive initial gain, e.g. trainer.gain=1e-3")
-    _positive(t["steps"], "trainer.steps", "give a positive number of steps")
-    _positive(t["eval_every"], "trainer.eval_every", "give a positive evaluation interval")
-    _positive(t["max_weight_norm"], "trainer.max_weight_norm", "give a positive divergence bound")
-    if t.get("epochs") is not None:
-        _positive(t["epochs"], "trainer.epochs", "give a positive number of epochs, or null to budget by steps")
-    for f in ("batch_size", "train_subset", "test_subset", "width", "depth", "rank", "train_samples", "test_samples"):
-        if t.get(f) is not None:
-            _positive(t[f], f"trainer.{f}", f"give a positive trainer.{f}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(c["device"])):
-        raise ConfigError("device", f"is {c['device']!r}", "use auto, cpu, cuda or cuda:N")
+def check_trial(c: dict, where: str = "") -> None:
+    """One resolved trial config, checked by the trainers' and the optimizer's own rules (the code the
+    workers run: `trainers.check_config`), then the rules of where it will run (device vs resources).
+    `where` names the grid point in the message."""
+    import trainers
+    at = f" (grid point {where})" if where else ""
+    try:
+        trainers.check_config(c)
+    except (ValueError, TypeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        found = _FIELD.search(message)
+        field = found.group(0) if found else "trainer"
+        unknown = re.match(r"unknown field ([\w.]+)", message)
+        if unknown:
+            field = unknown.group(1)
+            raise ConfigError(field, f"is not a field of the {field.split('.')[0]} config{at}",
+                              _did_you_mean(field, c)) from None
+        problem = message[len(field):] if message.startswith(field) else f": {message}"
+        raise ConfigError(field, f"{problem.lstrip(' :') if not problem.startswith('=') else problem}{at}",
+                          f"give {field} a valid value (`--cfg job` prints the composed config)") from None
+
+
+_FIELD = re.compile(r"\b(?:trainer|optimizer)(?:\.[A-Za-z_]\w*)+|\bdevice\b")
+
+
+def _did_you_mean(field: str, c: dict) -> str:
+    section, _, rest = field.partition(".")
+    node, parts = c.get(section, {}), rest.split(".")
+    for p in parts[:-1]:
+        node = node.get(p, {}) if isinstance(node, dict) else {}
+    known = [k for k in (node if isinstance(node, dict) else {}) if k != parts[-1]]
+    close = difflib.get_close_matches(parts[-1], known, n=1)
+    prefix = ".".join([section, *parts[:-1]])
+    hint = f"did you mean {prefix}.{close[0]}? " if close else ""
+    return (f"{hint}remove it (a key added with + must be one the trainer reads); known: "
+            f"{', '.join(sorted(known))}")
+
+
+def check_device(device: str, gpu: float) -> None:
+    """A trial's device against what its worker gets: CUDA only with a GPU reserved (resources.gpu)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
+        raise ConfigError("device", f"is {device!r}", "use auto, cpu, cuda or cuda:N")
+    if str(device).startswith("cuda") and not gpu > 0:
+        raise ConfigError("device", f"is {device!r} but resources.gpu={gpu:g} reserves no GPU for a trial",
+                          "set resources.gpu=1 (or a fraction), or device=auto")
 
 
 def check_service(cfg) -> None:
     """The service's own settings (resources, retries, report, tracking and cluster addresses)."""
+    if not str(cfg.name).strip() or not re.fullmatch(r"[\w.+-]+", str(cfg.name)):
+        raise ConfigError("name", f"is {cfg.name!r}", "give the experiment a name of letters, digits, . _ + -")
+    retry = cfg.tracking.retry_s
+    if not (isinstance(retry, (int, float)) and 0 <= retry < math.inf):
+        raise ConfigError("tracking.retry_s", f"must be a finite number of seconds >= 0, got {retry!r}",
+                          "e.g. tracking.retry_s=300 (how long an outage is waited out)")
+    check_results_dir(cfg.results_dir)
     r = cfg.resources
+    check_device(cfg.device, r.gpu)
     _positive(r.cpu, "resources.cpu", "give CPUs per trial, e.g. resources.cpu=1")
     if not (r.gpu >= 0):
         raise ConfigError("resources.gpu", f"must be >= 0, got {r.gpu!r}", "use 0 for CPU-only or a fraction like 0.25")
@@ -71,12 +99,92 @@ def check_service(cfg) -> None:
         raise ConfigError("sweep.max_retries", f"must be >= 0, got {cfg.sweep.max_retries}", "use 0 for no retries")
     for name in cfg.sweep.variants:
         check_optimizer_name(name, f"sweep.variants.{name}")
+    if cfg.cluster.address is None:
+        check_local_resources(cfg)
     if cfg.tracking.uri is not None:
         check_reachable(cfg.tracking.uri, "tracking.uri",
                         "start the MLflow server or fix the address; omit tracking.uri for an embedded local store")
     if cfg.cluster.address is not None:
         check_reachable(cfg.cluster.address, "cluster.address",
                         "start the Ray cluster or fix host:port; omit cluster.address for a local Ray")
+
+
+def check_known_keys(cfg, schema_cls, prefix: str = "") -> None:
+    """Keys added with `+` to the service's own sections: Hydra lets `+` add a key to a typed node,
+    but nothing would read it (the trial sections are checked by the trainers' rules instead)."""
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(schema_cls)
+    names = {f.name for f in dataclasses.fields(schema_cls)}
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if prefix == "" and key in ("optimizer", "trainer", "hydra"):
+            continue
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            raise ConfigError(path, "is not a setting of the sweep",
+                              (f"did you mean {prefix}{close[0]}? " if close else "") + "remove it")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            check_known_keys(cfg[key], kind, f"{path}.")
+
+
+def check_results_dir(path: str) -> None:
+    """Where the journal, logs and embedded store go: a directory we can create and write."""
+    p = Path(str(path)).expanduser()
+    if not str(path).strip():
+        raise ConfigError("results_dir", "is empty", "give a directory, e.g. results_dir=results")
+    if p.exists() and not p.is_dir():
+        raise ConfigError("results_dir", f"{str(path)!r} is a file, not a directory", "point it at a directory")
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    try:  # a real probe (root passes os.access everywhere); removed at once
+        tempfile.TemporaryFile(dir=existing).close()
+        writable = existing.is_dir()
+    except OSError:
+        writable = False
+    if not writable:
+        raise ConfigError("results_dir", f"{str(path)!r} is not writable ({existing} is read-only for this user)",
+                          "point it at a directory you can write")
+
+
+def local_gpus() -> int:
+    """GPUs a local Ray would detect (NVIDIA's /proc entries, narrowed by CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def check_local_resources(cfg) -> None:
+    """A local Ray's size is known before it starts: check the requests against it now."""
+    c, r = cfg.cluster, cfg.resources
+    if c.num_cpus is not None and not c.num_cpus >= 1:
+        raise ConfigError("cluster.num_cpus", f"must be >= 1, got {c.num_cpus!r}", "use null for all cores")
+    if c.num_gpus is not None and not c.num_gpus >= 0:
+        raise ConfigError("cluster.num_gpus", f"must be >= 0, got {c.num_gpus!r}", "use null to detect GPUs")
+    cpus = c.num_cpus if c.num_cpus is not None else os.cpu_count()
+    gpus = c.num_gpus if c.num_gpus is not None else local_gpus()
+    if r.cpu > cpus:
+        raise ConfigError("resources.cpu", f"={r.cpu:g} per trial does not fit the local Ray ({cpus} CPUs)",
+                          f"use resources.cpu <= {cpus}")
+    if r.gpu > gpus:
+        raise ConfigError("resources.gpu", f"={r.gpu:g} per trial does not fit the local Ray ({gpus:g} GPUs)",
+                          "use resources.gpu=0 (CPU) or run on a machine or cluster with GPUs")
+
+
+def check_trial_data(trial: dict) -> None:
+    """Data the trial reads from a local path (local Ray: the workers share this filesystem)."""
+    data = trial["trainer"].get("data") or {}
+    if data.get("root") is not None:
+        from trainers.data import DataError, find_idx_dir
+        try:
+            find_idx_dir(data.get("name", "mnist"), Path(data["root"]))
+        except DataError as e:
+            raise ConfigError("trainer.data.root", f"={data['root']} does not hold the dataset's IDX files",
+                              str(e).split("Fix: ", 1)[-1]) from None
 
 
 def check_reachable(address: str, field: str, fix: str, timeout: float = 3.0) -> None:

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["run_trial", "TRAINERS", "OPTIMIZERS", "OptimizerConfig", "resolve_device", "config_from_dict",
+__all__ = ["run_trial", "check_config", "TRAINERS", "OPTIMIZERS", "OptimizerConfig", "resolve_device", "config_from_dict",
            "flush_denormals"]
 
 # trainer name -> module holding `run(config) -> Iterator[dict]` and its `*Config` dataclass.
 TRAINERS = {"linear_teacher": "trainers.linear_teacher", "mnist_mlp": "trainers.mnist_mlp"}
+TRAINER_CONFIGS = {"linear_teacher": "LinearTeacherConfig", "mnist_mlp": "MnistMlpConfig"}
 
 # optimizer name -> (q, structure); None = q is free (fractional q-NGD).
 OPTIMIZERS = {
@@ -129,3 +130,18 @@ def run_trial(config: Mapping) -> Iterator[dict]:
     if trainer not in TRAINERS:
         raise ValueError(f"trainer.name={trainer!r} is not known; use one of {list(TRAINERS)}")
     return importlib.import_module(TRAINERS[trainer]).run(config)
+
+
+def check_config(config: Mapping) -> None:
+    """Apply every rule of ``run_trial`` that needs no data and no device: the trainer's and the
+    optimizer's dataclasses (unknown keys included). Raises the same ``ValueError`` a worker would;
+    the sweep driver calls it on every grid point before anything starts."""
+    trainer = (config.get("trainer") or {}).get("name")
+    if trainer not in TRAINERS:
+        raise ValueError(f"trainer.name={trainer!r} is not known; use one of {list(TRAINERS)}")
+    unknown = sorted(set(config) - {"seed", "device", "optimizer", "trainer"})
+    if unknown:
+        raise ValueError(f"unknown field {unknown[0]}; a trial config has seed, device, optimizer, trainer")
+    cls = getattr(importlib.import_module(TRAINERS[trainer]), TRAINER_CONFIGS[trainer])
+    config_from_dict(cls, config["trainer"], "trainer")
+    OptimizerConfig.from_dict(config.get("optimizer"))

@@ -190,11 +190,18 @@ def _find_idx_files(directory: Path) -> dict[str, Path] | None:
 
 
 def _from_idx_dir(name: str, root: Path, *, given: bool) -> Dataset:
+    directory, files = find_idx_dir(name, root)
+    arrays = [_verify(name, part, read_idx(path), str(path)) for part, path in files.items()]
+    return Dataset(name, *arrays, source=str(directory))
+
+
+def find_idx_dir(name: str, root: Path) -> tuple[Path, dict[str, Path]]:
+    """The directory under ``root`` holding the four IDX files (root, raw/, torchvision's layout) and
+    the files; DataError naming the first missing one. Cheap: the sweep driver checks data.root with it."""
     for directory in (root, root / "raw", root / _TORCHVISION_DIR[name] / "raw"):
         files = _find_idx_files(directory)
         if files:
-            arrays = [_verify(name, part, read_idx(path), str(path)) for part, path in files.items()]
-            return Dataset(name, *arrays, source=str(directory))
+            return directory, files
     missing = [p for p in PARTS if not (root / p).is_file() and not (root / f"{p}.gz").is_file()]
     raise DataError(f"data.root={root} does not hold the {name} IDX files (missing {root / missing[0]}[.gz]; "
                     f"also looked in raw/ and {_TORCHVISION_DIR[name]}/raw/). Fix: point data.root at the "
