@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -175,3 +176,177 @@ def finish_directions(directions, *, out_dtype, residual_norm: float, q: float, 
                 f"at small weights without damping; set optimizer.damping > 0 and/or optimizer.clip",
                 ExplodingUpdateWarning, stacklevel=3)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graded sums: f(M) for M = sum_t M_t whose terms differ in scale by more than float64 can hold together
+# ---------------------------------------------------------------------------------------------------
+
+GRADE_GAP = math.sqrt(torch.finfo(torch.float64).eps)
+"""Terms within this ratio of a grade's largest share one float64 matrix: the smallest of them still
+keeps half of float64's digits (relative rounding error <= eps / GRADE_GAP = 1.5e-8 of its own size)."""
+
+
+class GramTerm(NamedTuple):
+    """One term ``M_t = K_t^T K_t`` of a graded Gram: ``gram`` (n x n, float64) and, when the caller has
+    it, a thin ``factor`` (n x r) with ``factor @ factor.T == gram`` (so ``K_t = factor^T``)."""
+    gram: torch.Tensor
+    factor: torch.Tensor | None = None
+
+
+def term_scale(term: GramTerm) -> float:
+    """The largest diagonal entry: a lower bound on ``lambda_max(M_t)`` within a factor n, cheap."""
+    return float(term.gram.diagonal().max()) if term.gram.numel() else 0.0
+
+
+def one_grade(scales, gap: float = GRADE_GAP) -> bool:
+    """True when all non-zero scales fit in one float64 matrix (ratio to the largest >= gap)."""
+    nonzero = [s for s in scales if s > 0]
+    return not nonzero or min(nonzero) >= gap * max(nonzero)
+
+
+def graded_power_apply(terms, rhs: torch.Tensor, q: float, damping: float = 0.0, rtol: float | None = None,
+                       gap: float = GRADE_GAP):
+    """Per term t a vector ``w_t`` with ``K_t w_t = K_t f(M) rhs``, ``M = sum_t K_t^T K_t``, exact where the
+    terms' scales span far more than float64's 1e-16 (docs/curvature.md, "Graded full rule").
+
+    Graded deflation: take the largest terms (all within ``gap`` of the largest remaining one), decompose
+    their sum restricted to the orthogonal complement of the directions resolved so far -- from their own
+    factors (thin SVD) or their own Gram on an explicit complement basis, never by subtracting from a
+    sum -- keep the *strong* directions (eigenvalue >= next scale / gap) as the next grade's basis ``V_k``,
+    pass the *weak* ones (between the cut-off and that) on as a new term, repeat; the last grade is the
+    whole remaining complement. In the basis ``V = [V_0, ...]`` the Gram's block (i, j) is assembled only
+    from the terms that reach grade max(i, j) (a term has no component beyond its last grade: those blocks
+    are exactly 0, which keeps the 1e-36 grades clean of the O(1) terms' rounding), and ``f`` is applied by
+    block Riccati decoupling (:func:`_graded_blocks_apply`). ``K_t`` only sees ``V`` up to its last grade.
+
+    Moore-Penrose cut-off: an eigenvalue is dropped when <= ``rtol`` times the largest of its own grade
+    (default ``n * eps``), the rounding level of that grade (with damping too: such directions' exact
+    contribution is below sqrt(rtol) of their grade's). Returns ``(ws, sizes)``, sizes = rank per grade.
+    """
+    n = rhs.shape[0]
+    rtol = default_rtol(n) if rtol is None else rtol
+    dtype = torch.float64
+    rhs = rhs.to(dtype)
+    pending = [(term_scale(t), t.gram.to(dtype), None if t.factor is None else t.factor.to(dtype), {i})
+               for i, t in enumerate(terms)]
+    pending = [p for p in pending if p[0] > 0]
+    basis, reach, last_ref = [], {}, 0.0
+    while pending:
+        top = max(p[0] for p in pending)
+        group = [p for p in pending if p[0] >= gap * top]
+        pending = [p for p in pending if p[0] < gap * top]
+        next_top = max((p[0] for p in pending), default=0.0)
+        prev = torch.cat(basis, dim=1) if basis else None
+        origins = set().union(*(p[3] for p in group))
+        scale = max(p[0] for p in group)
+        if not pending and prev is not None and any(p[2] is None for p in group):
+            # last grade: the whole complement; its cut-off is applied after decoupling (one eigh, not two)
+            q_full, _ = torch.linalg.qr(prev, mode="complete")
+            vecs, last_ref = q_full[:, prev.shape[1]:], scale
+            if vecs.shape[1]:
+                basis.append(vecs)
+                reach.update({t: len(basis) for t in origins})
+            break
+        lam, vecs = _complement_decomposition(group, prev)
+        keep = lam > rtol * max(float(lam.max()) if lam.numel() else 0.0, scale)
+        strong = keep & (lam >= next_top / gap)
+        weak = keep & ~strong
+        if strong.any():
+            basis.append(vecs[:, strong])
+            reach.update({t: len(basis) for t in origins})
+        if weak.any():
+            f = vecs[:, weak] * lam[weak].sqrt()
+            pending.append((float(lam[weak].max()), f @ f.mT, f, origins))
+    if not basis:
+        return [torch.zeros_like(rhs) for _ in terms], []
+    v = torch.cat(basis, dim=1)
+    sizes = [b.shape[1] for b in basis]
+    ends = [sum(sizes[:k]) for k in range(1, len(sizes) + 1)]
+    h = torch.zeros(v.shape[1], v.shape[1], dtype=dtype, device=v.device)
+    grams = {}                                    # Gram-only terms summed per reach (same grade: same scale)
+    for i, k in reach.items():
+        t = terms[i]
+        e = ends[k - 1]
+        if t.factor is not None:
+            a = v[:, :e].mT @ t.factor.to(dtype)
+            h[:e, :e] += a @ a.mT
+        else:
+            grams[k] = grams.get(k, 0) + t.gram.to(dtype)
+    for k, g in grams.items():
+        e = ends[k - 1]
+        h[:e, :e] += v[:, :e].mT @ (g @ v[:, :e])
+    h = 0.5 * (h + h.mT)
+    y = _graded_blocks_apply(h, sizes, v.mT @ rhs, q, damping, rtol * last_ref)
+    ws = []
+    for i in range(len(terms)):
+        e = ends[reach[i] - 1] if i in reach else 0
+        ws.append(v[:, :e] @ y[:e])
+    return ws, sizes
+
+
+def _complement_decomposition(group, prev):
+    """Eigen-pairs (lam, vecs in the full space) of the group's summed Gram restricted to the complement
+    of ``prev``'s columns: from the thin factors when all have one (SVD of the projected factor, projected
+    twice), else from the summed Grams on an explicit orthonormal complement basis (eigh)."""
+    if all(p[2] is not None for p in group):
+        f = torch.cat([p[2] for p in group], dim=1)
+        if prev is not None:
+            for _ in range(2):                                  # "twice is enough" (Kahan, Parlett)
+                f = f - prev @ (prev.mT @ f)
+        u, s, _ = torch.linalg.svd(f, full_matrices=False)
+        return s.square(), u
+    g = sum(p[1] for p in group)
+    if prev is None:
+        return eigh_psd(g)
+    q_full, _ = torch.linalg.qr(prev, mode="complete")
+    comp = q_full[:, prev.shape[1]:]
+    lam, w = eigh_psd(comp.mT @ g @ comp)
+    return lam, comp @ w
+
+
+def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0):
+    """``f(h) rhs`` for a PSD ``h`` whose diagonal blocks (``sizes``) are graded: block 0's eigenvalues exceed
+    everything coupled to it by >= 1/GRADE_GAP, and so on down. No entry ever mixes two grades.
+
+    Block 0 is split off exactly by the orthogonal ``U = [[I, -X^T], [X, I]] diag(N0, N1)`` with
+    ``N0 = (I + X^T X)^(-1/2)``, ``N1 = (I + X X^T)^(-1/2) = I + X phi(X^T X) X^T``, X solving the Riccati
+    equation ``X h00 = h10 + h11 X - X h01 X`` (fixed point from ``h10 h00^-1``; each sweep gains about
+    the grade ratio), then the rest is treated the same way. Small grades' entries are only multiplied
+    by the coupling, never added to large ones. Eigenvalues of the last block <= ``last_cut`` are dropped.
+    """
+    if len(sizes) == 1:
+        lam, vecs = eigh_psd(h)
+        f = spectral_factor(lam, q, damping, 0.0) * (lam > last_cut)
+        return vecs @ (f * (vecs.mT @ rhs))
+    k = sizes[0]
+    h00, h01, h11 = h[:k, :k], h[:k, k:], h[k:, k:]
+    lam0, vec0 = eigh_psd(h00)
+    h00_inv = (vec0 / lam0.clamp_min(torch.finfo(h.dtype).tiny)) @ vec0.mT
+    x = h01.mT @ h00_inv
+    for _ in range(30):
+        x_new = (h01.mT + h11 @ x - x @ (h01 @ x)) @ h00_inv
+        row = x_new.norm(dim=1).clamp_min(torch.finfo(x.dtype).tiny)
+        done = bool(((x_new - x).norm(dim=1) <= 4 * torch.finfo(x.dtype).eps * row).all())
+        x = x_new
+        if done:
+            break
+    ev, evec = torch.linalg.eigh(x.mT @ x)
+    ev = ev.clamp_min(0)
+    n0 = (evec * (1 + ev).rsqrt()) @ evec.mT
+    z = x @ ((evec * (-1.0 / ((1 + ev).sqrt() * (1 + (1 + ev).sqrt())))) @ evec.mT)  # N1 = I + z x^T
+    top = n0 @ (h00 + h01 @ x + x.mT @ h01.mT + x.mT @ (h11 @ x)) @ n0
+    xh01 = x @ h01
+    a = h11 - xh01 - xh01.mT + x @ (h00 @ x.mT)
+    ax = a @ x
+    rest = a + z @ ax.mT + ax @ z.mT + z @ (x.mT @ ax) @ z.mT
+    r0, r1 = rhs[:k], rhs[k:]
+    b0 = n0 @ (r0 + x.mT @ r1)
+    b1 = r1 - x @ r0
+    b1 = b1 + z @ (x.mT @ b1)
+    lam, vecs = eigh_psd(0.5 * (top + top.mT))
+    a0 = vecs @ (spectral_factor(lam, q, damping, 0.0) * (vecs.mT @ b0))
+    a1 = _graded_blocks_apply(0.5 * (rest + rest.mT), sizes[1:], b1, q, damping, last_cut)
+    n1a1 = a1 + z @ (x.mT @ a1)
+    n0a0 = n0 @ a0
+    return torch.cat([n0a0 - x.mT @ n1a1, x @ n0a0 + n1a1])

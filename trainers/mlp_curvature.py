@@ -52,8 +52,11 @@ from trainers.matrix_functions import (
     default_rtol,
     depth_scale,
     eigh_psd,
+    GramTerm,
     finish_directions,
+    graded_power_apply,
     kron_power_apply,
+    one_grade,
     psd_power_apply,
     validate_rule,
 )
@@ -183,6 +186,9 @@ class CurvaturePreconditioner:
         b, cd = self._batch, self.compute_dtype
         bsz, u = b["bsz"], b["u"]
         ncol = u.shape[1]
+        rtol = default_rtol(bsz * ncol, cd) if self.rtol is None else self.rtol
+        if not one_grade(_term_scales(b["abars"], b["deltas"], bsz)):
+            return self._graded_full_directions(rtol)
         gram = torch.zeros(bsz, ncol, bsz, ncol, dtype=torch.float64, device=u.device)
         for ab, dl in zip(b["abars"], b["deltas"]):
             sa, sd = _max_abs(ab), _max_abs(dl)
@@ -194,16 +200,51 @@ class CurvaturePreconditioner:
             gram += term.to(torch.float64) * (sa * sa * sd * sd / bsz)
         gram = gram.reshape(bsz * ncol, bsz * ncol)
         top = float(gram.abs().max())
-        rtol = default_rtol(bsz * ncol, cd) if self.rtol is None else self.rtol
         if top == 0:
             w = torch.zeros_like(u)
         else:
             w = psd_power_apply((gram / top).to(cd), u.reshape(-1), self.q, self.damping, rtol,
                                 dtype=cd, scale=top).reshape(bsz, ncol)
-        self.last_info = {"structure": "full", "q": self.q, "gram_size": bsz * ncol}
+        self.last_info = {"structure": "full", "q": self.q, "gram_size": bsz * ncol, "grades": [bsz * ncol]}
         # K w at layer l: 1/sqrt(B) sum_{n,c} w_{n,c} delta_{n,c,l} abar_{n,l}^T
         return [torch.einsum("nc,nco->on", w, dl) @ ab / math.sqrt(bsz)
                 for ab, dl in zip(b["abars"], b["deltas"])]
+
+    def _graded_full_directions(self, rtol):
+        """The same direction when the layers' Gram terms span more scales than float64 holds (tiny
+        gains): every layer's bias term (thin factor delta / sqrt(B)) and weight term (Gram
+        (a a^T) * (delta delta^T) / B) is its own term of ``graded_power_apply``."""
+        b = self._batch
+        bsz, u = b["bsz"], b["u"].to(torch.float64)
+        ncol = u.shape[1]
+        n = bsz * ncol
+        terms = []
+        for ab, dl in zip(b["abars"], b["deltas"]):
+            flat = dl.to(torch.float64).reshape(n, -1) / math.sqrt(bsz)
+            a = ab[:, :-1].to(torch.float64)
+            ff = flat @ flat.mT
+            terms.append(GramTerm(ff, flat))                                               # bias
+            terms.append(GramTerm((ff.reshape(bsz, ncol, bsz, ncol) * (a @ a.mT)[:, None, :, None]).reshape(n, n)))
+        ws, sizes = graded_power_apply(terms, u.reshape(-1), self.q, self.damping, rtol)
+        self.last_info = {"structure": "full", "q": self.q, "gram_size": n, "grades": sizes}
+        dirs = []
+        for l, (ab, dl) in enumerate(zip(b["abars"], b["deltas"])):
+            d64 = dl.to(torch.float64)
+            wb, ww = ws[2 * l].reshape(bsz, ncol), ws[2 * l + 1].reshape(bsz, ncol)
+            bias = torch.einsum("nc,nco->o", wb, d64) / math.sqrt(bsz)
+            weight = torch.einsum("nc,nco->on", ww, d64) @ ab[:, :-1].to(torch.float64) / math.sqrt(bsz)
+            dirs.append(torch.cat([weight, bias[:, None]], dim=1))
+        return dirs
+
+
+def _term_scales(abars, deltas, bsz):
+    """Largest diagonal entry of each layer's bias and weight Gram term (what decides the grading)."""
+    scales = []
+    for ab, dl in zip(abars, deltas):
+        rows = dl.to(torch.float64).square().sum(dim=2) / bsz                            # (B, cols)
+        act = ab[:, :-1].to(torch.float64).square().sum(dim=1)                          # (B,)
+        scales += [float(rows.max()), float((rows * act[:, None]).max())]
+    return scales
 
 
 def _output_hessian_roots(f, y, loss):
