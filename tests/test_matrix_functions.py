@@ -101,3 +101,40 @@ def test_settings_are_validated_by_name():
         validate_rule(2.0, -1e-3, None)
     with pytest.raises(ValueError, match="rtol"):
         validate_rule(2.0, 0.0, -1.0)
+
+
+def test_graded_power_apply_matches_80_digit_reference_across_40_decades():
+    """Issue 10: f(sum_t F_t F_t^T) over terms 1 ... 1e-34 (one float64 sum keeps only the first), with a
+    Gram-only middle term, a term whose own spectrum straddles a grade gap (1e-24 and 1e-34: its weak
+    direction is passed on to the next grade) and a null space. Reference: mpmath at 80 digits on the
+    exact sum of the same float64 factors; each term's K_t f(M) rhs = F_t^T f(M) rhs must match."""
+    import mpmath as mp
+
+    from trainers.matrix_functions import GramTerm, graded_power_apply
+
+    gen = torch.Generator().manual_seed(3)
+    n = 14
+    z = lambda r: torch.randn(n, r, generator=gen, dtype=F64)  # noqa: E731
+    factors = [z(2), z(3) * 1e-7, z(2) * torch.tensor([1e-12, 1e-17], dtype=F64), z(4) * 1e-17]
+    gram_only = [False, True, False, True]
+    terms = [GramTerm(f @ f.T, None if g else f) for f, g in zip(factors, gram_only)]
+    rhs = torch.randn(n, generator=gen, dtype=F64)
+    mp.mp.dps = 80
+    fm = [mp.matrix(f.tolist()) for f in factors]
+    m = sum((f * f.T for f in fm[1:]), fm[0] * fm[0].T)
+    evals, evecs = mp.eigsy(m)
+    coef = evecs.T * mp.matrix(rhs.tolist())
+    for q, eps in [(2.0, 0.0), (1.0, 0.0), (3.0, 1e-25)]:
+        f = [(max(v, 0) + eps) ** (-mp.mpf(1) / q) if eps > 0 else
+             (v ** (-mp.mpf(1) / q) if v > mp.mpf(10) ** -55 * max(evals) else 0) for v in evals]
+        ref = evecs * mp.matrix([f[i] * coef[i] for i in range(n)])
+        ws, sizes = graded_power_apply(terms, rhs, q, eps)
+        assert sizes == [2, 3, 1, 8], sizes     # 1e-34 of term 2 joins the last grade (8 = complement)
+        for t, (fac, fmt) in enumerate(zip(factors, fm)):
+            want = torch.tensor([float(v) for v in fmt.T * ref], dtype=F64)
+            got = fac.T @ ws[t]
+            assert float((got - want).norm() / want.norm()) <= 1e-9, (q, eps, t)
+    # one float64 matrix for the same sum loses every term but the first
+    single = psd_power_apply(sum(t.gram for t in terms), rhs, 2.0)
+    ws, _ = graded_power_apply(terms, rhs, 2.0)
+    assert float((factors[3].T @ single).norm()) < 1e-3 * float((factors[3].T @ ws[3]).norm())

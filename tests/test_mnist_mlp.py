@@ -68,6 +68,20 @@ def test_tiny_gain_sqrt_ngd_d_trains_where_sgd_is_stuck():
     assert sq[-2]["metrics"]["test_accuracy"] > 0.7  # measured 0.88
 
 
+@pytest.mark.parametrize("gain", [1e-4, 1e-6])
+def test_tiny_gain_full_sqrt_ngd_trains(gain):
+    """Issue 10: exact full sqrtNGD (graded output-space Gram) trains at tiny gains without damping,
+    where the single-matrix rule kept only the last bias's directions and stayed at ln 10. Batch 32
+    (Gram 288^2), 40 steps, lr 0.1; measured train loss 2.3026 -> 0.995 (1e-4), 0.987 (1e-6), test accuracy
+    0.76, 0.77."""
+    recs = trial({"name": "sqrt_ngd", "lr": 0.1, "damping": 0.0}, gain=gain, batch_size=32, steps=40,
+                 eval_every=40)
+    assert recs[-1]["status"] == "finished", recs[-1]
+    assert losses(recs)[0] == pytest.approx(LN10, abs=1e-3)
+    assert losses(recs)[-1] < 1.3, losses(recs)
+    assert recs[-2]["metrics"]["test_accuracy"] > 0.6
+
+
 def test_undamped_ngd_d_at_tiny_gain_ends_diverged_not_raised():
     """NGD-d without damping at gain 1e-6: the block inverse explodes (weights become inf after the first
     step, measured); the trial ends 'diverged' with that step instead of raising."""

@@ -1,0 +1,100 @@
+"""Benchmark of the graded full rule (issue 10). The last line printed is a JSON object.
+
+One training step (forward + backward + precondition + SGD step) of full sqrtNGD on the MNIST-shaped MLP
+[784,300,100,30,10], batch 128 (output-space Gram 1152^2), random data, in one process, interleaved:
+
+- gain 1: the rule as shipped (it checks the terms' scales, finds one grade and takes the single-matrix
+  path) vs the single-matrix rule before issue 10 (the same code with the scale check skipped).
+- gain 1e-6: the graded rule (four grades) vs the single-matrix rule (wrong there: it keeps only the last
+  bias's directions; timed for the cost comparison only).
+
+Usage: python bench/bench_full_graded.py [--repeats 7] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import trainers.mlp_curvature as mlp_curvature  # noqa: E402
+from trainers.mlp_curvature import CurvaturePreconditioner  # noqa: E402
+
+
+def model_at(gain, seed=0):
+    torch.manual_seed(seed)
+    mods = []
+    widths = [784, 300, 100, 30, 10]
+    for i in range(4):
+        lin = nn.Linear(widths[i], widths[i + 1])
+        nn.init.orthogonal_(lin.weight, gain=gain)
+        nn.init.zeros_(lin.bias)
+        mods += [lin, nn.ReLU()] if i < 3 else [lin]
+    return nn.Sequential(*mods)
+
+
+def step_fn(gain, single_matrix):
+    model = model_at(gain)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="full")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    state = model.state_dict()
+
+    def step():
+        model.load_state_dict(state)                   # every repeat times the same (initial) step
+        scales = mlp_curvature._term_scales
+        if single_matrix:
+            mlp_curvature._term_scales = lambda *a: [1.0]
+        try:
+            model.zero_grad()
+            pre.forward_backward(x, y)
+            pre.precondition()
+        finally:
+            mlp_curvature._term_scales = scales
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        return pre.last_info["grades"]
+    return step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = {"gain1_shipped": (1.0, False), "gain1_single_matrix": (1.0, True),
+             "gain1e-6_graded": (1e-6, False), "gain1e-6_single_matrix": (1e-6, True)}
+    fns = {k: step_fn(*v) for k, v in cases.items()}
+    times = {k: [] for k in cases}
+    grades = {k: fn() for k, fn in fns.items()}             # warm-up
+    for _ in range(args.repeats):
+        for k, fn in fns.items():                           # interleaved: load changes hit all alike
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    for k in cases:
+        print(f"{k:24s} median {med[k] * 1e3:8.1f} ms  best {best[k] * 1e3:8.1f} ms  grades {grades[k]}")
+    result = {
+        "repeats": args.repeats, "threads": args.threads, "load_average_1min": os.getloadavg()[0],
+        "median_s": med, "best_s": best, "grades": grades,
+        "gain1_shipped_over_single_matrix_median": med["gain1_shipped"] / med["gain1_single_matrix"],
+        "gain1_shipped_over_single_matrix_best": best["gain1_shipped"] / best["gain1_single_matrix"],
+        "gain1e-6_graded_over_gain1_shipped_median": med["gain1e-6_graded"] / med["gain1_shipped"],
+        "gain1e-6_graded_over_single_matrix_median": med["gain1e-6_graded"] / med["gain1e-6_single_matrix"],
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
