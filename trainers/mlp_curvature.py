@@ -49,15 +49,15 @@ from torch import nn
 from trainers.curvature import STRUCTURES
 from trainers.matrix_functions import (
     COMPUTE_DTYPE,
+    CurvatureOverflowError,
     default_rtol,
     depth_scale,
-    eigh_psd,
     GramTerm,
     finish_directions,
     graded_power_apply,
-    kron_power_apply,
     one_grade,
     psd_power_apply,
+    spectral_factor,
     validate_rule,
 )
 
@@ -88,7 +88,25 @@ class CurvaturePreconditioner:
     # ------------------------------------------------------------------ forward / backward
     def forward_backward(self, x, y):
         """Mean loss of the batch (detached); plain gradients accumulate in ``.grad``; the curvature
-        ingredients (layer inputs, back-propagated Hessian square roots) are kept for precondition()."""
+        ingredients (layer inputs, back-propagated Hessian square roots) are kept for precondition().
+
+        With curvature (q < inf) there is no autograd pass: the output Hessian roots S_n and the
+        loss gradient S_n u_n are back-propagated together, so the gradient comes from the same
+        pass as the curvature (in float64) and is written to ``.grad``."""
+        if math.isinf(self.q):
+            h, _, _ = self._forward(x)
+            loss = self._loss(h, y)
+            loss.backward()
+            self._batch = None
+            return loss.detach()
+        with torch.no_grad():
+            h, inputs, masks = self._forward(x)
+            loss = self._loss(h, y)
+            self._batch = self._curvature_ingredients(h, y, inputs, masks)
+            self._write_gradients()
+        return loss
+
+    def _forward(self, x):
         inputs, masks, h = [], [], x
         for kind, mod in self.layers:
             if kind == "linear":
@@ -96,34 +114,33 @@ class CurvaturePreconditioner:
             elif kind == "relu":
                 masks.append(h.detach() > 0)
             h = mod(h)
+        return h, inputs, masks
+
+    def _loss(self, h, y):
         if self.loss == "cross_entropy":
             if y.dim() != 1 or y.dtype.is_floating_point or y.shape[0] != h.shape[0]:
                 raise ValueError(f"cross_entropy targets y must be {h.shape[0]} integer class indices, got "
                                  f"shape {tuple(y.shape)} {y.dtype} (use loss='mse' for one-hot targets)")
-            loss = F.cross_entropy(h, y)
-        else:
-            if y.shape != h.shape:
-                raise ValueError(f"mse targets y must have the model output's shape {tuple(h.shape)}, got {tuple(y.shape)}")
-            loss = 0.5 * (h - y).square().sum(dim=1).mean()
-        loss.backward()
-        self._batch = None
-        if not math.isinf(self.q):
-            self._batch = self._curvature_ingredients(h.detach(), y, inputs, masks)
-        return loss.detach()
+            return F.cross_entropy(h, y)
+        if y.shape != h.shape:
+            raise ValueError(f"mse targets y must have the model output's shape {tuple(h.shape)}, got {tuple(y.shape)}")
+        return 0.5 * (h - y).square().sum(dim=1).mean()
 
     def _curvature_ingredients(self, out, y, inputs, masks):
         cd = self.compute_dtype
         bsz = out.shape[0]
         roots, u = _output_hessian_roots(out.to(torch.float64), y, self.loss)
-        u = (u / math.sqrt(bsz)).to(cd)
-        # back-propagate the columns of S_n: delta[n, c, :] at each Linear output (pre-activation)
-        delta = roots.mT.to(cd).contiguous()                                          # (B, cols, C)
-        deltas, abars = [], []
+        u = u / math.sqrt(bsz)
+        # back-propagate the columns of S_n and, as one more column, S_n u_n (the loss gradient):
+        # delta[n, c, :] at each Linear output (pre-activation)
+        delta = torch.cat([roots.mT, (roots @ u[:, :, None]).mT], dim=1).to(cd)     # (B, cols + 1, C)
+        deltas, errors, abars = [], [], []
         mask_i, lin_i = len(masks), len(inputs)
         for kind, mod in reversed(self.layers):
             if kind == "linear":
                 lin_i -= 1
-                deltas.append(delta)
+                deltas.append(delta[:, :-1])
+                errors.append(delta[:, -1])
                 a = inputs[lin_i].reshape(bsz, -1).to(cd)
                 abars.append(torch.cat([a, a.new_ones(bsz, 1)], dim=1))
                 if lin_i > 0:
@@ -133,8 +150,29 @@ class CurvaturePreconditioner:
                 if lin_i > 0:
                     delta = delta * masks[mask_i].reshape(bsz, 1, -1).to(cd)
         deltas.reverse()
+        errors.reverse()
         abars.reverse()
-        return {"deltas": deltas, "abars": abars, "u": u, "bsz": bsz}
+        # errors[l][n] / sqrt(B): d(mean loss)/d(pre-activation) of sample n, so grad_l = errors_l^T abar_l / sqrt(B)
+        return {"deltas": deltas, "errors": errors, "abars": abars, "u": u.to(cd), "bsz": bsz}
+
+    def _write_gradients(self):
+        b = self._batch
+        root_b = math.sqrt(b["bsz"])
+        written = []
+        for mod, e, ab in zip(self._linears(), b["errors"], b["abars"]):
+            g = (e.mT / root_b).to(mod.weight.dtype) @ ab.to(mod.weight.dtype)   # as autograd's, in its dtype
+            _set_grad(mod.weight, g[:, :-1])
+            _set_grad(mod.bias, g[:, -1])
+            written += [(mod.weight.grad, mod.weight.grad._version), (mod.bias.grad, mod.bias.grad._version)]
+        b["written"] = written
+
+    def _linears(self):
+        return [mod for kind, mod in self.layers if kind == "linear"]
+
+    def _grads_untouched(self):
+        """True when every ``.grad`` is still the tensor forward_backward wrote, unmodified (no sync)."""
+        params = [p for mod in self._linears() for p in (mod.weight, mod.bias)]
+        return all(p.grad is t and t._version == v for p, (t, v) in zip(params, self._batch["written"]))
 
     # ------------------------------------------------------------------ the update
     def precondition(self):
@@ -144,7 +182,7 @@ class CurvaturePreconditioner:
             return
         if self._batch is None:
             raise RuntimeError("call forward_backward(x, y) before precondition()")
-        linears = [mod for kind, mod in self.layers if kind == "linear"]
+        linears = self._linears()
         if self.structure == "block":
             dirs = self._block_directions(linears)
         else:
@@ -168,18 +206,46 @@ class CurvaturePreconditioner:
         return out
 
     def _block_directions(self, linears):
+        """Per layer ``f(A (x) G) g / d^(1/q)`` through the factors' eigen-decompositions.
+
+        Input side: with ``abar`` (B x m) and m > B the B x B Gram ``K = abar abar^T / B = V diag(lam) V^T``
+        gives A's thin eigenvectors ``abar^T V lam^(-1/2) / sqrt(B)``; the gradient is ``X abar / sqrt(B)``
+        with ``X = errors^T`` (n x B), so ``g U_A = X V lam^(1/2)`` and the direction is
+        ``U_G [(U_G^T X V) * F] V^T abar / sqrt(B)``: the m x r eigenvectors are never built and the
+        lam^(+-1/2) cancel. If ``.grad`` was changed after forward_backward, X is recovered from it
+        (``g abar^T V lam^+ V^T / sqrt(B)``: the same rule applied to that gradient's part in A's range).
+        """
         b, cd = self._batch, self.compute_dtype
         bsz, scale = b["bsz"], depth_scale(self.q, self.d)
+        root_b = math.sqrt(bsz)
+        fused = self._grads_untouched()
         dirs, ranks = [], []
-        for mod, ab, dl in zip(linears, b["abars"], b["deltas"]):
-            g = torch.cat([mod.weight.grad, mod.bias.grad[:, None]], dim=1).to(cd)
-            n_out, n_in = g.shape
+        for mod, ab, dl, e in zip(linears, b["abars"], b["deltas"], b["errors"]):
+            n_out, n_in = dl.shape[-1], ab.shape[1]
             rtol = default_rtol(max(n_out, n_in), cd) if self.rtol is None else self.rtol
-            right = _thin_gram_eig(ab, bsz, rtol)
-            left = _thin_gram_eig(dl.reshape(-1, n_out), bsz, rtol)
-            ranks.append((left[0].numel(), right[0].numel()))
-            dirs.append(scale * kron_power_apply(left, right, g, self.q, self.damping, rtol))
-        self.last_info = {"structure": "block", "q": self.q, "factor_ranks": ranks}
+            mu, u_g = _gram_eig(dl.reshape(-1, n_out), bsz, cd)
+            g = None if fused else torch.cat([mod.weight.grad, mod.bias.grad[:, None]], dim=1).to(cd)
+            if n_in > bsz:                                        # thin: through the B x B Gram
+                lam, v = _gram_eig(ab, bsz, cd, rows_side=True)
+                f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
+                if fused:
+                    x = e.mT
+                else:
+                    keep = lam > rtol * lam.max()
+                    inv = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).reciprocal(),
+                                      torch.zeros_like(lam)).to(cd)
+                    x = ((g @ ab.mT) @ v) * inv / root_b @ v.mT
+                core = (u_g.mT @ x @ v).to(torch.float64) * (f * (scale / root_b))
+                dirs.append(((u_g @ core.to(cd)) @ v.mT) @ ab)
+            else:                                                 # small input: A itself (m x m)
+                lam, u_a = _gram_eig(ab, bsz, cd)
+                f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
+                if fused:
+                    g = e.mT @ ab / root_b
+                core = (u_g.mT @ g @ u_a).to(torch.float64) * (f * scale)
+                dirs.append((u_g @ core.to(cd)) @ u_a.mT)
+            ranks.append((mu, lam, rtol))
+        self.last_info = {"structure": "block", "q": self.q, "factor_ranks": _RanksOnDemand(ranks)}
         return dirs
 
     def _full_directions(self):
@@ -281,25 +347,60 @@ def _max_abs(t):
     return float(torch.linalg.vector_norm(t, ord=float("inf"))) if t.numel() else 0.0
 
 
-def _thin_gram_eig(rows, bsz, rtol):
-    """Eigen-pairs of ``rows^T rows / bsz`` on its range, via the smaller of the two Gram matrices.
+def _gram_eig(rows, bsz, dtype, rows_side=False):
+    """Eigen-pairs ``(evals float64 ascending, evecs in dtype)`` of ``rows^T rows / bsz`` (or, with
+    ``rows_side``, of the row Gram ``rows rows^T / bsz``), at any scale and with no host sync.
 
-    For B x 785 activations this is a B x B eigh (the thin SVD of ``rows``) instead of 785 x 785.
-    Eigenvalues <= rtol * max are dropped here: the gradient has no component there. Below float64,
-    rows are divided by their largest entry first so float32 Grams of 1e-24 activations do not underflow.
+    The matrix is divided by its trace before eigh and the scale goes back into the float64
+    eigenvalues, so 1e-36 factors (gain 1e-6) work. Below float64 the rows are first divided by their
+    largest entry, so float32 squares of 1e-24 activations do not underflow. A zero matrix gives zero
+    eigenvalues (hence a zero direction), NaN/Inf a clear error.
     """
-    n, m = rows.shape
-    top = 1.0 if rows.dtype == torch.float64 else _max_abs(rows)   # float64 squares of 1e-24 are fine
-    if top == 0:
-        return torch.zeros(0, dtype=torch.float64, device=rows.device), rows.new_zeros(m, 0)
-    r = rows if top == 1.0 else rows / top
-    scale = top * top / bsz
-    if m <= n:
-        return eigh_psd(r.mT @ r, dtype=rows.dtype, scale=scale)
-    lam, vecs = eigh_psd(r @ r.mT, dtype=rows.dtype, scale=scale)
-    keep = lam > rtol * lam.max()
-    lam, vecs = lam[keep], vecs[:, keep]
-    return lam, (r.mT @ vecs) / (lam / scale).sqrt().to(rows.dtype)
+    r, scale = rows, 1.0 / bsz
+    if rows.dtype != torch.float64:
+        top = rows.abs().amax()
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        r, scale = rows / top, top.to(torch.float64).square() / bsz
+    gram = r @ r.mT if rows_side else r.mT @ r
+    trace = gram.diagonal().sum()
+    trace = torch.where(trace > 0, trace, torch.ones_like(trace))
+    try:
+        evals, evecs = torch.linalg.eigh(gram / trace)
+    except torch.linalg.LinAlgError:
+        raise CurvatureOverflowError(
+            "eigh failed on a Kronecker factor: the weights or inputs are not finite (the run has "
+            "diverged; lower optimizer.lr, set optimizer.clip, or add optimizer.damping)") from None
+    return evals.to(torch.float64).clamp_min(0) * (trace.to(torch.float64) * scale), evecs
+
+
+class _RanksOnDemand(list):
+    """``last_info["factor_ranks"]``: [(rank G_l, rank A_l)], counted only when read (a host sync)."""
+
+    def __init__(self, spectra):
+        super().__init__()
+        self._spectra = spectra
+
+    def _fill(self):
+        if self._spectra is not None:
+            for mu, lam, rtol in self._spectra:
+                self.append((int((mu > rtol * mu.max()).sum()), int((lam > rtol * lam.max()).sum())))
+            self._spectra = None
+
+    def __getitem__(self, i):
+        self._fill()
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        self._fill()
+        return super().__iter__()
+
+    def __len__(self):
+        self._fill()
+        return super().__len__()
+
+    def __repr__(self):
+        self._fill()
+        return super().__repr__()
 
 
 def _set_grad(param, value):
