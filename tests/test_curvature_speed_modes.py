@@ -37,10 +37,15 @@ def data(bsz, seed, n_in=12, n_out=3, dtype=F64):
     return torch.randn(bsz, n_in, generator=gen, dtype=dtype), torch.randint(0, n_out, (bsz,), generator=gen)
 
 
-def dense_factors_and_grads(model, x, y):
+def sample_loss(loss, f, y):
+    return F.cross_entropy(f[None], y[None]) if loss == "cross_entropy" else 0.5 * (f - y).square().sum()
+
+
+def dense_factors_and_grads(model, x, y, loss="cross_entropy"):
     """Per Linear layer: A = mean abar abar^T, G = mean_n J_z^T H_n J_z, and the autograd gradient [W | b]."""
     model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    out = model(x)
+    (sum(sample_loss(loss, out[n], y[n]) for n in range(len(x))) / len(x)).backward()
     out = []
     with torch.no_grad():
         for idx, m in enumerate(model):
@@ -52,7 +57,7 @@ def dense_factors_and_grads(model, x, y):
             g = 0
             for n in range(len(x)):
                 jz = jacrev(model[idx + 1:])(z[n])
-                h = hessian(lambda f: F.cross_entropy(f[None], y[n:n + 1]))(model(x[n:n + 1])[0])
+                h = hessian(lambda f: sample_loss(loss, f, y[n]))(model(x[n:n + 1])[0])
                 g = g + jz.T @ h @ jz / len(x)
             out.append((abar.T @ abar / len(x), g, torch.cat([m.weight.grad, m.bias.grad[:, None]], 1).clone()))
     return out
@@ -111,3 +116,104 @@ def test_a_gradient_changed_after_forward_backward_is_the_one_preconditioned():
     pre.precondition()
     want = block_reference([(a, gf) for a, gf, _ in ref], edited, 2.0, 0.0)
     assert rel(directions(model), want) < 1e-9
+
+
+def step(pre, model, x, y):
+    model.zero_grad()
+    pre.forward_backward(x, y)
+    pre.precondition()
+    return directions(model)
+
+
+def exact_reference(model, x, y, q=2.0, loss="cross_entropy"):
+    ref = dense_factors_and_grads(model, x, y, loss)
+    return block_reference([(a, gf) for a, gf, _ in ref], [g for _, _, g in ref], q, 0.0)
+
+
+def test_amortised_refreshes_by_age_and_a_stale_factor_is_exact_when_nothing_moved():
+    model = mlp(5)
+    x, y = data(9, 6)
+    want = exact_reference(model, x, y)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", curvature_every=2)
+    for expected in ([True] * 3, [False] * 3, [True] * 3):       # refresh, reuse (same batch), age k = 2
+        assert rel(step(pre, model, x, y), want) < 1e-9
+        assert pre.last_info["refreshed"] == expected
+
+
+def test_a_stale_output_factor_follows_a_pure_scale_change_without_a_refresh():
+    """mse (output Hessian I): scaling the last layer by 10 multiplies G_1, G_2 by exactly 100 (same
+    shape): the stale decomposition rescaled by the fresh trace is exact, so no refresh, exact direction."""
+    model = mlp(7)
+    x, _ = data(9, 8)
+    y = torch.randn(9, 3, generator=torch.Generator().manual_seed(8), dtype=F64)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", curvature_every=5, loss="mse")
+    step(pre, model, x, y)
+    with torch.no_grad():
+        model[-1].weight.mul_(10.0)
+    want = exact_reference(model, x, y, loss="mse")
+    got = step(pre, model, x, y)
+    assert pre.last_info["refreshed"][:2] == [False, False]
+    assert rel(got, want) < 1e-9
+
+
+def test_a_stale_output_factor_is_used_as_the_dense_stale_kronecker_power_or_refreshed():
+    """After an SGD-sized change of the weights and a new batch, each layer's direction is either
+    f(A_fresh (x) c G_old) g_fresh (stale, c = tr G_fresh / tr G_old, all from dense Jacobians at the
+    old and new weights) or, where the check refreshed it, the exact f(A_fresh (x) G_fresh) g_fresh.
+    A drastic change of the layers above (new random weights) must refresh."""
+    model = mlp(9)
+    x0, y0 = data(9, 10)
+    old = dense_factors_and_grads(model, x0, y0)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", curvature_every=10)
+    step(pre, model, x0, y0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x1, y1 = data(9, 11)
+    new = dense_factors_and_grads(model, x1, y1)
+    got = step(pre, model, x1, y1)
+    flags = pre.last_info["refreshed"]
+    d = len(new)
+    for i, ((a, gf, g), (_, g_old, _)) in enumerate(zip(new, old)):
+        factor = gf if flags[i] else g_old * (torch.trace(gf) / torch.trace(g_old))
+        want = dense_power(torch.kron(factor, a), g.reshape(-1), 2.0, 0.0).reshape(g.shape) / math.sqrt(d)
+        assert rel([got[i]], [want]) < 1e-8, (i, flags)
+    assert not all(flags)                                        # a small change reuses something
+    with torch.no_grad():                                        # the layers above replaced: refresh
+        for m in [m for m in model if isinstance(m, nn.Linear)][1:]:
+            m.weight.copy_(torch.randn_like(m.weight))
+    want = exact_reference(model, x1, y1)
+    got = step(pre, model, x1, y1)
+    assert pre.last_info["refreshed"][:2] == [True, True]
+    assert rel(got, want) < 1e-9
+
+
+def test_mixed_precision_matches_float64_within_its_tolerance_and_falls_back_where_float32_cannot_tell():
+    """Full-rank, well-conditioned factors go float32 (direction within 1e-3 of the float64 dense
+    reference, the stated tolerance); rank-deficient ones (the softmax factor, rank C - 1; every factor
+    of a batch made of two samples, each twice) are redone in float64, which keeps the direction exact."""
+    model = mlp(11, dtype=torch.float32)
+    x, y = data(16, 12, dtype=torch.float32)
+    want = exact_reference(model.double(), x.double(), y)
+    model = model.float()
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", precision="mixed")
+    got = [d.double() for d in step(pre, model, x, y)]
+    assert 0 < pre.last_info["float64_fallbacks"] < 6
+    assert rel(got, want) < 1e-3
+    model = mlp(13)
+    x, y = data(2, 14)
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    want = exact_reference(model, x, y)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", precision="mixed")
+    got = step(pre, model, x, y)
+    assert pre.last_info["float64_fallbacks"] == 6
+    assert rel(got, want) < 1e-9
+
+
+def test_amortised_and_mixed_settings_are_checked():
+    with pytest.raises(ValueError, match="curvature_every"):
+        CurvaturePreconditioner(mlp(0), q=2.0, structure="block", curvature_every=0)
+    with pytest.raises(ValueError, match="block"):
+        CurvaturePreconditioner(mlp(0), q=2.0, structure="full", curvature_every=4)
+    with pytest.raises(ValueError, match="precision"):
+        CurvaturePreconditioner(mlp(0), q=2.0, structure="block", precision="bf16")

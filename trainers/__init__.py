@@ -49,7 +49,11 @@ class OptimizerConfig:
     agree); only ``qngd``/``qngd_d`` take ``q`` freely (>= 1). The step is ``w <- w - lr * D`` where
     D = (H+ + damping)^(-1/q) g (block: per layer, with the 1/d^(1/q) factor), then, when ``clip`` is
     set, the whole update lr*D is scaled down to norm ``clip``. ``rtol`` is the Moore–Penrose cut-off
-    relative to the largest eigenvalue (null = the update-rule module's default)."""
+    relative to the largest eigenvalue (null = the update-rule module's default). ``curvature_every``
+    (block rules, mnist_mlp): 1 = exact curvature every step; k > 1 reuses the output factors'
+    decompositions for up to k steps under a refresh rule (trainers.mlp_curvature). ``precision``:
+    ``float64`` (exact) or ``mixed`` (float32 decompositions where a condition estimate says they
+    match float64, float64 otherwise; block rules)."""
 
     name: str = "sgd"
     q: float = math.inf
@@ -58,6 +62,8 @@ class OptimizerConfig:
     damping: float = 0.0
     clip: float | None = None
     rtol: float | None = None
+    curvature_every: int = 1
+    precision: str = "float64"
 
     @classmethod
     def from_dict(cls, raw: Mapping | None) -> OptimizerConfig:
@@ -85,7 +91,21 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.clip={cfg.clip} must be > 0, or null for no clipping")
         if cfg.rtol is not None and not 0 <= cfg.rtol < 1:
             raise ValueError(f"optimizer.rtol={cfg.rtol} must be in [0, 1), or null for the default")
+        if isinstance(cfg.curvature_every, bool) or not isinstance(cfg.curvature_every, int) or cfg.curvature_every < 1:
+            raise ValueError(f"optimizer.curvature_every={cfg.curvature_every!r} must be an integer >= 1 "
+                             f"(1 = exact curvature every step)")
+        if cfg.curvature_every > 1 and cfg.structure != "block":
+            raise ValueError(f"optimizer.curvature_every={cfg.curvature_every} needs a block rule (ngd_d, "
+                             f"sqrt_ngd_d, qngd_d); {cfg.name} is exact per batch only: use 1")
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"optimizer.precision={cfg.precision!r} must be one of {list(PRECISIONS)}")
+        if cfg.precision != "float64" and cfg.structure != "block":
+            raise ValueError(f"optimizer.precision={cfg.precision!r} needs a block rule (ngd_d, sqrt_ngd_d, "
+                             f"qngd_d); {cfg.name} runs in float64: use precision float64")
         return cfg
+
+
+PRECISIONS = ("float64", "mixed")
 
 
 def config_from_dict(cls, raw: Mapping, where: str):

@@ -175,6 +175,9 @@ def run(config: Mapping) -> Iterator[dict]:
     """Validate ``config`` now; return the generator of records (Contract 2)."""
     cfg = config_from_dict(LinearTeacherConfig, config["trainer"], "trainer")
     opt = OptimizerConfig.from_dict(config.get("optimizer"))
+    if opt.curvature_every != 1 or opt.precision != "float64":
+        raise ValueError("optimizer.curvature_every and optimizer.precision apply to trainer mnist_mlp only; "
+                         "the linear_teacher rule is exact in float64: use 1 and float64")
     device = resolve_device(config.get("device", "auto"))
     seed = int(config.get("seed", 0))
     from trainers.curvature import clip_update, natural_direction  # the update rules (issue 2)

@@ -62,13 +62,16 @@ from trainers.matrix_functions import (
 )
 
 LOSSES = ("cross_entropy", "mse")
+# precision="mixed": a factor is decomposed in float32 only when its float32 spectrum has condition
+# <= this (then eigen-errors ~ cond * eps32 ~ 1e-3 relative); otherwise in float64 (docs/curvature.md)
+MIXED_COND_MAX = 1e4
 
 
 class CurvaturePreconditioner:
     """Rewrites ``.grad`` of an MLP with the q-NGD direction (see module docstring)."""
 
     def __init__(self, model, *, q, structure, damping=0.0, loss="cross_entropy", rtol=None,
-                 compute_dtype=COMPUTE_DTYPE):
+                 compute_dtype=COMPUTE_DTYPE, curvature_every=1, precision="float64"):
         self.q = validate_rule(q, damping, rtol)
         if structure not in STRUCTURES:
             raise ValueError(f"optimizer.structure must be one of {STRUCTURES}, got {structure!r}")
@@ -76,12 +79,26 @@ class CurvaturePreconditioner:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if compute_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be torch.float64 (default) or torch.float32, got {compute_dtype!r}")
+        if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
+            raise ValueError(f"optimizer.curvature_every must be an integer >= 1 (1 = exact every step), "
+                             f"got {curvature_every!r}")
+        if curvature_every > 1 and structure != "block":
+            raise ValueError(f"optimizer.curvature_every={curvature_every} needs structure 'block' (ngd_d, "
+                             f"sqrt_ngd_d, qngd_d); the full rule is exact per batch only: use 1")
+        if precision not in ("float64", "mixed"):
+            raise ValueError(f"optimizer.precision must be 'float64' or 'mixed', got {precision!r}")
+        if precision != "float64" and structure != "block":
+            raise ValueError("optimizer.precision='mixed' needs structure 'block'; the full rule runs in float64")
+        self.precision = precision
         self.layers = _parse_model(model)
+        self.curvature_every = curvature_every
+        self.amortised = _AmortisedOutputFactors(curvature_every) if curvature_every > 1 else None
         self.model, self.structure, self.loss = model, structure, loss
         self.damping = float(damping)
         self.rtol = None if rtol is None else float(rtol)
         self.compute_dtype = compute_dtype
         self.d = sum(1 for kind, _ in self.layers if kind == "linear")
+        self._fallbacks = 0
         self.last_info: dict = {}
         self._batch = None
 
@@ -216,37 +233,99 @@ class CurvaturePreconditioner:
         (``g abar^T V lam^+ V^T / sqrt(B)``: the same rule applied to that gradient's part in A's range).
         """
         b, cd = self._batch, self.compute_dtype
-        bsz, scale = b["bsz"], depth_scale(self.q, self.d)
-        root_b = math.sqrt(bsz)
+        bsz = b["bsz"]
         fused = self._grads_untouched()
-        dirs, ranks = [], []
-        for mod, ab, dl, e in zip(linears, b["abars"], b["deltas"], b["errors"]):
-            n_out, n_in = dl.shape[-1], ab.shape[1]
-            rtol = default_rtol(max(n_out, n_in), cd) if self.rtol is None else self.rtol
-            mu, u_g = _gram_eig(dl.reshape(-1, n_out), bsz, cd)
+        rows = [dl.reshape(-1, dl.shape[-1]) for dl in b["deltas"]]
+        thin = [ab.shape[1] > bsz for ab in b["abars"]]
+        amort = self.amortised
+        stale = amort.stale(rows, bsz) if amort is not None else [None] * len(rows)
+        todo = [(r, False) for r, s in zip(rows, stale) if s is None] + [(ab, t) for ab, t in zip(b["abars"], thin)]
+        eigs = self._decompose(todo, bsz)
+        lefts = [s if s is not None else eigs.pop(0) for s in stale]
+        rights = eigs
+        dirs, checks, ranks = [], [], []
+        for i, mod in enumerate(linears):
             g = None if fused else torch.cat([mod.weight.grad, mod.bias.grad[:, None]], dim=1).to(cd)
-            if n_in > bsz:                                        # thin: through the B x B Gram
-                lam, v = _gram_eig(ab, bsz, cd, rows_side=True)
-                f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
-                if fused:
-                    x = e.mT
-                else:
-                    keep = lam > rtol * lam.max()
-                    inv = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).reciprocal(),
-                                      torch.zeros_like(lam)).to(cd)
-                    x = ((g @ ab.mT) @ v) * inv / root_b @ v.mT
-                core = (u_g.mT @ x @ v).to(torch.float64) * (f * (scale / root_b))
-                dirs.append(((u_g @ core.to(cd)) @ v.mT) @ ab)
-            else:                                                 # small input: A itself (m x m)
-                lam, u_a = _gram_eig(ab, bsz, cd)
-                f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
-                if fused:
-                    g = e.mT @ ab / root_b
-                core = (u_g.mT @ g @ u_a).to(torch.float64) * (f * scale)
-                dirs.append((u_g @ core.to(cd)) @ u_a.mT)
-            ranks.append((mu, lam, rtol))
+            d, sketch = self._layer_direction(i, lefts[i], rights[i], thin[i], g, want_sketch=stale[i] is not None)
+            dirs.append(d)
+            checks.append(sketch)
+            ranks.append((lefts[i][0], rights[i][0], self._rtol(i)))
+        if amort is not None:
+            redo = amort.check(rows, bsz, stale, lefts, checks)     # one host sync
+            if redo:
+                fresh = self._decompose([(rows[i], False) for i in redo], bsz)
+                for i, left in zip(redo, fresh):
+                    amort.store(i, left)
+                    dirs[i], _ = self._layer_direction(i, left, rights[i], thin[i], None if fused else
+                                                       torch.cat([linears[i].weight.grad, linears[i].bias.grad[:, None]], 1).to(cd))
+                    ranks[i] = (left[0], rights[i][0], self._rtol(i))
+            for i, s in enumerate(stale):
+                if s is None:
+                    amort.store(i, lefts[i])
         self.last_info = {"structure": "block", "q": self.q, "factor_ranks": _RanksOnDemand(ranks)}
+        if amort is not None:
+            self.last_info["refreshed"] = list(amort.refreshed)
+        if self.precision == "mixed":
+            self.last_info["float64_fallbacks"] = self._fallbacks
         return dirs
+
+    def _rtol(self, i):
+        dl, ab = self._batch["deltas"][i], self._batch["abars"][i]
+        n = max(dl.shape[-1], ab.shape[1])
+        return default_rtol(n, self.compute_dtype) if self.rtol is None else self.rtol
+
+    def _decompose(self, mats, bsz):
+        """Eigen-pairs of ``rows^T rows / B`` (or ``rows rows^T / B``) for each (rows, rows_side).
+
+        ``precision='mixed'``: float32 first; a factor whose float32 spectrum is not certified (smallest
+        eigenvalue below largest / MIXED_COND_MAX: rank-deficient or ill-conditioned, where float32
+        cannot tell kept from dropped eigenvalues) is redone in float64. One host sync for all."""
+        cd = self.compute_dtype
+        if self.precision != "mixed":
+            return [_gram_eig(r, bsz, cd, rows_side=side) for r, side in mats]
+        out = [_gram_eig(r.to(torch.float32), bsz, torch.float32, rows_side=side) for r, side in mats]
+        ok = torch.stack([lam[0] * MIXED_COND_MAX >= lam[-1] for lam, _ in out]).tolist() if out else []
+        self._fallbacks = 0
+        for i, ((r, side), good) in enumerate(zip(mats, ok)):
+            if good:
+                out[i] = (out[i][0], out[i][1].to(cd))
+            else:
+                out[i] = _gram_eig(r, bsz, cd, rows_side=side)
+                self._fallbacks += 1
+        return out
+
+    def _layer_direction(self, i, left, right, thin, g, want_sketch=False):
+        """One layer's direction, and (``want_sketch``) ``Y = C K W``: the direction's coefficients on a
+        few random combinations of the batch, whose G-curvature ``||rows Y||^2 / B`` checks a stale G."""
+        b, cd = self._batch, self.compute_dtype
+        ab, e, bsz = b["abars"][i], b["errors"][i], b["bsz"]
+        root_b, scale = math.sqrt(bsz), depth_scale(self.q, self.d)
+        (mu, u_g), (lam, vecs) = left, right
+        rtol = self._rtol(i)
+        f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
+        sketch = None
+        if thin:                                                  # through the B x B Gram, vecs = V
+            if g is None:
+                x = e.mT
+            else:
+                keep = lam > rtol * lam.max()
+                inv = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).reciprocal(),
+                                  torch.zeros_like(lam)).to(cd)
+                x = ((g @ ab.mT) @ vecs) * inv / root_b @ vecs.mT
+            core = (u_g.mT @ x @ vecs).to(torch.float64) * (f * (scale / root_b))
+            coef = (u_g @ core.to(cd)) @ vecs.mT                  # direction = coef @ abar
+            if want_sketch:                                       # abar A abar^T / B = B K^2 on the batch side
+                w = _probes(bsz, coef)
+                sketch = coef @ ((vecs * lam.to(cd)) @ (vecs.mT @ w))
+            return coef @ ab, sketch
+        if g is None:                                             # small input: A itself, vecs = U_A
+            g = e.mT @ ab / root_b
+        core = (u_g.mT @ g @ vecs).to(torch.float64) * (f * scale)
+        d = (u_g @ core.to(cd)) @ vecs.mT
+        if want_sketch:
+            w = _probes(vecs.shape[0], d)
+            sketch = d @ ((vecs * lam.sqrt().to(cd)) @ (vecs.mT @ w))
+        return d, sketch
 
     def _full_directions(self):
         b, cd = self._batch, self.compute_dtype
@@ -371,6 +450,91 @@ def _gram_eig(rows, bsz, dtype, rows_side=False):
             "eigh failed on a Kronecker factor: the weights or inputs are not finite (the run has "
             "diverged; lower optimizer.lr, set optimizer.clip, or add optimizer.damping)") from None
     return evals.to(torch.float64).clamp_min(0) * (trace.to(torch.float64) * scale), evecs
+
+
+class _AmortisedOutputFactors:
+    """``curvature_every = k > 1``: reuse each layer's output-factor eigen-decomposition for up to k steps.
+
+    Only the output factor G_l is amortised; the input factor A_l stays exact per batch (it changes
+    with every batch and is cheap through the B x B Gram). A stale decomposition is used only if:
+
+    1. its eigenvalues are first rescaled by ``tr(G_fresh) / tr(G_stale)`` (``tr = ||rows||^2 / B``,
+       O(rows)): at small gains the weights, hence G, grow by orders of magnitude within a few
+       steps, and a too small stale G is what made a fixed interval diverge (its root over-steps);
+    2. the curvature *along the step it produced* agrees: ``rho = tr(D^T G_fresh D A) /
+       tr(D^T G_stale D A)``, estimated with ``PROBES`` Gaussian combinations of the batch (two thin
+       products). rho > 1 means the stale root over-steps where the step goes (the way a stale
+       K-FAC diverges), rho < 1 under-steps. The layer is refreshed, and its direction recomputed
+       exactly, when ``|log rho| > log(1 + DRIFT)``: for sqrtNGD the step along those directions
+       is then off by more than ``sqrt(1 + DRIFT) - 1`` ~ 12 %;
+    3. it is younger than k steps.
+
+    One host sync per step (the refresh decision).
+    """
+
+    DRIFT = 0.25
+
+    def __init__(self, every):
+        self.every = every
+        self.state: list[dict | None] = []
+        self.steps = 0
+        self.refreshes: list[int] = []
+        self.refreshed: list[bool] = []
+
+    def stale(self, rows, bsz):
+        """Per layer: the rescaled stale ``(mu, U)`` to try, or None (decompose afresh)."""
+        self.steps += 1
+        if not self.state:
+            self.state, self.refreshes = [None] * len(rows), [0] * len(rows)
+        out = []
+        for r, st in zip(rows, self.state):
+            if st is None or st["since"] >= self.every:
+                out.append(None)
+                continue
+            trace = (r.square().sum() / bsz).to(torch.float64)
+            out.append((st["mu"] * (trace / st["trace"]), st["u"]))
+        return out
+
+    def check(self, rows, bsz, stale, lefts, sketches):
+        """Indices of the layers whose stale decomposition fails the curvature check (one sync)."""
+        ratios = []
+        for r, s, left, y in zip(rows, stale, lefts, sketches):
+            if s is None:
+                continue
+            mu, u = left
+            fresh = (r @ y).square().sum().to(torch.float64) / bsz
+            old = ((u.mT @ y).to(torch.float64).square() * mu[:, None]).sum()
+            ratios.append(fresh / old.clamp_min(torch.finfo(torch.float64).tiny))
+        ratios = torch.stack(ratios).tolist() if ratios else []
+        redo, self.refreshed = [], []
+        for i, s in enumerate(stale):
+            if s is None:
+                self.refreshed.append(True)
+                continue
+            rho = ratios.pop(0)
+            ok = math.isfinite(rho) and abs(math.log(max(rho, 1e-300))) <= math.log1p(self.DRIFT)
+            self.refreshed.append(not ok)
+            if ok:
+                self.state[i]["since"] += 1
+            else:
+                redo.append(i)
+        return redo
+
+    def store(self, i, left):
+        mu, u = left
+        self.state[i] = {"mu": mu, "u": u, "trace": mu.sum().clamp_min(torch.finfo(torch.float64).tiny),
+                         "since": 1}
+        self.refreshes[i] += 1
+
+    def refresh_rate(self):
+        """Fraction of (layer, step) output factors decomposed afresh so far (1.0 = exact mode's cost)."""
+        return sum(self.refreshes) / (self.steps * len(self.refreshes)) if self.steps else 0.0
+
+
+def _probes(n, like, k=4):
+    """k fixed Gaussian probe vectors (n x k) in ``like``'s dtype and device (seeded: reproducible)."""
+    gen = torch.Generator().manual_seed(n)
+    return torch.randn(n, k, generator=gen, dtype=torch.float64).to(like)
 
 
 class _RanksOnDemand(list):

@@ -156,7 +156,8 @@ def _steps(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Ite
     linears = [m for m in model if isinstance(m, nn.Linear)]
     params = [p for m in linears for p in (m.weight, m.bias)]
     pre = CurvaturePreconditioner(model, q=opt.q, structure=opt.structure, damping=opt.damping,
-                                  loss=cfg.loss, rtol=opt.rtol)
+                                  loss=cfg.loss, rtol=opt.rtol, curvature_every=opt.curvature_every,
+                                  precision=opt.precision)
     sgd = torch.optim.SGD(params, lr=opt.lr)
 
     def targets(y):
@@ -199,6 +200,8 @@ def _steps(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Ite
             metrics = {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc, **norms,
                        **diag.conservation_drift(conservation(), c_init, squared),
                        "update_norm": update_norm, "clipped_updates": clipped}
+            if pre.amortised is not None:   # share of output factors decomposed afresh (1 = exact's cost)
+                metrics["curvature_refresh_rate"] = pre.amortised.refresh_rate()
             yield tracker.eval(step, metrics)
         if step == steps:
             break
