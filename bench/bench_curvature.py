@@ -116,12 +116,19 @@ MODES = {
 
 
 def step_runner(settings, x, y, device, seed=0):
-    """One training step (forward, backward / curvature, SGD step) of a fresh MLP; returns (step, model, pre)."""
+    """One training step (forward, backward / curvature, SGD step) of a fresh MLP; returns (step, model, pre).
+
+    ``x, y`` may be lists of batches: step i takes batch i mod len (a new batch every step, as in
+    training, so an amortised mode's refresh rule sees batch-to-batch changes)."""
     model = mnist_mlp(seed, device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     pre = None if settings is None else CurvaturePreconditioner(model, q=2.0, **settings)
+    batches = list(zip(x, y)) if isinstance(x, list) else [(x, y)]
+    count = [0]
 
     def step():
+        x, y = batches[count[0] % len(batches)]
+        count[0] += 1
         opt.zero_grad()
         if pre is None:
             nn.functional.cross_entropy(model(x), y).backward()
@@ -149,7 +156,8 @@ def interleaved(runners, repeats, device):
 
 
 def bench_mlp(repeats, device, skip_full=False):
-    x, y = mnist_like_batch(device)
+    pairs = [mnist_like_batch(device, seed=s) for s in range(8)]
+    x, y = [p[0] for p in pairs], [p[1] for p in pairs]
     modes = {k: v for k, v in MODES.items() if not (skip_full and k.startswith("sqrt_ngd_full"))}
     runners, pres = {}, {}
     for k, v in modes.items():

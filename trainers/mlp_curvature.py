@@ -317,7 +317,7 @@ class CurvaturePreconditioner:
             if want_sketch:                                       # abar A abar^T / B = B K^2 on the batch side
                 w = _probes(bsz, coef)
                 sketch = coef @ ((vecs * lam.to(cd)) @ (vecs.mT @ w))
-            return coef @ ab, sketch
+            return _times_abar(coef, ab, self._linears()[i].weight.dtype), sketch
         if g is None:                                             # small input: A itself, vecs = U_A
             g = e.mT @ ab / root_b
         core = (u_g.mT @ g @ vecs).to(torch.float64) * (f * scale)
@@ -565,6 +565,17 @@ class _RanksOnDemand(list):
     def __repr__(self):
         self._fill()
         return super().__repr__()
+
+
+def _times_abar(coef, ab, out_dtype):
+    """``coef @ abar`` (n x B times B x m, the largest product of the step) in the parameters' dtype,
+    which the direction is cast to anyway; both sides are scaled by abar's largest entry first so a
+    float32 product of 1e18 coefficients and 1e-18 activations (gain 1e-6) stays in range."""
+    if out_dtype == ab.dtype:
+        return coef @ ab
+    top = ab.abs().amax()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return (coef * top).to(out_dtype) @ (ab / top).to(out_dtype)
 
 
 def _set_grad(param, value):
