@@ -217,3 +217,16 @@ def test_amortised_and_mixed_settings_are_checked():
         CurvaturePreconditioner(mlp(0), q=2.0, structure="full", curvature_every=4)
     with pytest.raises(ValueError, match="precision"):
         CurvaturePreconditioner(mlp(0), q=2.0, structure="block", precision="bf16")
+
+
+def test_speed_modes_are_refused_where_they_do_not_apply():
+    from trainers import check_config
+    base = {"seed": 0, "device": "cpu", "trainer": {"name": "mnist_mlp"}}
+    check_config({**base, "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, "curvature_every": 10, "precision": "mixed"}})
+    with pytest.raises(ValueError, match="optimizer.curvature_every"):
+        check_config({**base, "optimizer": {"name": "sqrt_ngd", "lr": 0.1, "curvature_every": 10}})
+    with pytest.raises(ValueError, match="optimizer.precision"):
+        check_config({**base, "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, "precision": "half"}})
+    with pytest.raises(ValueError, match="mnist_mlp only"):
+        check_config({"seed": 0, "device": "cpu", "trainer": {"name": "linear_teacher"},
+                      "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, "curvature_every": 10}})

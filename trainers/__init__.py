@@ -165,7 +165,14 @@ def check_config(config: Mapping) -> None:
         raise ValueError(f"unknown field {unknown[0]}; a trial config has seed, device, optimizer, trainer")
     cls = getattr(importlib.import_module(TRAINERS[trainer]), TRAINER_CONFIGS[trainer])
     config_from_dict(cls, config["trainer"], "trainer")
-    OptimizerConfig.from_dict(config.get("optimizer"))
+    check_speed_modes(trainer, OptimizerConfig.from_dict(config.get("optimizer")))
+
+
+def check_speed_modes(trainer: str, opt: OptimizerConfig) -> None:
+    """``curvature_every`` / ``precision`` exist for the MLP's block rule only (trainers.mlp_curvature)."""
+    if trainer != "mnist_mlp" and (opt.curvature_every != 1 or opt.precision != "float64"):
+        raise ValueError(f"optimizer.curvature_every and optimizer.precision apply to trainer mnist_mlp only; "
+                         f"the {trainer} rule is exact in float64: use 1 and float64")
 
 
 def trial_threads() -> int:

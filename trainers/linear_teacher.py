@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainers import OptimizerConfig, config_from_dict, flush_denormals, resolve_device
+from trainers import OptimizerConfig, check_speed_modes, config_from_dict, flush_denormals, resolve_device
 from trainers import diagnostics as diag
 
 __all__ = ["LinearTeacherConfig", "TeacherTask", "make_task", "init_student", "run"]
@@ -175,9 +175,7 @@ def run(config: Mapping) -> Iterator[dict]:
     """Validate ``config`` now; return the generator of records (Contract 2)."""
     cfg = config_from_dict(LinearTeacherConfig, config["trainer"], "trainer")
     opt = OptimizerConfig.from_dict(config.get("optimizer"))
-    if opt.curvature_every != 1 or opt.precision != "float64":
-        raise ValueError("optimizer.curvature_every and optimizer.precision apply to trainer mnist_mlp only; "
-                         "the linear_teacher rule is exact in float64: use 1 and float64")
+    check_speed_modes("linear_teacher", opt)
     device = resolve_device(config.get("device", "auto"))
     seed = int(config.get("seed", 0))
     from trainers.curvature import clip_update, natural_direction  # the update rules (issue 2)
