@@ -169,12 +169,6 @@ def _workers(cfg: DictConfig, n_trials: int) -> int:
 
 
 def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, started: float) -> int:
-    import ray
-
-    from .progress import SweepProgress
-    from .scheduler import Callbacks, WorkerPool
-    from .tracking import Tracker
-
     results = Path(cfg.results_dir).resolve()
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -202,6 +196,13 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
         if cfg.tracking.uri is None:  # start it first: it boots while Ray does
             (results / "mlflow").mkdir(parents=True, exist_ok=True)
             server = MlflowServer(backend, artifacts, log_path=logs / "mlflow-server.log").start()
+        # the heavy imports (ray, mlflow: seconds) only now, while the server boots
+        import ray
+
+        from .progress import SweepProgress
+        from .scheduler import Callbacks, WorkerPool
+        from .tracking import Tracker
+        log.info("imports done after %.1fs", time.monotonic() - started)
         console.print(f"[bold]{cfg.name}[/]: {len(trials)} trials; starting Ray"
                       + (" and MLflow" if server else "") + f" (log: {log_file})")
         temp_dir = start_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus, cfg.verbose,
