@@ -170,11 +170,11 @@ def _mark(r) -> str:
 
 
 def _fit(title: str, keys: list[str], values: list[str], rows: list[tuple[list[str], list[str]]],
-         width: int) -> list[Table]:
+         width: int) -> list:
     """Tables with the key columns and as many value columns as fit in `width` (the rest in more tables):
-    no cell is ever cut or wrapped."""
+    no cell is ever cut or wrapped; the title is a line of its own (a table's title wraps to its width)."""
     def build(cols: list[int], part: str) -> Table:
-        t = Table(title=title + part, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+        t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for k in keys:
             t.add_column(k, justify="left", no_wrap=True)
         for i in cols:
@@ -193,7 +193,10 @@ def _fit(title: str, keys: list[str], values: list[str], rows: list[tuple[list[s
             cur.append(i)
     if cur:
         chunks.append(cur)
-    return [build(c, f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else "") for n, c in enumerate(chunks)]
+    from rich.console import Group
+    from rich.text import Text
+    return [Group(Text(title + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1 else ""), style="bold"), build(c, ""))
+            for n, c in enumerate(chunks)]
 
 
 def summary_tables(summary: pd.DataFrame, width: int = WIDTH) -> tuple[list[Table], list[str]]:
