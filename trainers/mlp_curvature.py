@@ -63,7 +63,7 @@ from trainers.matrix_functions import (
 
 LOSSES = ("cross_entropy", "mse")
 # precision="mixed": a factor is decomposed in float32 only when its float32 spectrum has condition
-# <= this (then eigen-errors ~ cond * eps32 ~ 1e-3 relative); otherwise in float64 (docs/curvature.md)
+# <= this (eigen-errors ~ cond * eps32 * a few: the direction within 1e-2 of float64); else float64
 MIXED_COND_MAX = 1e4
 
 
