@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXPERIMENT ?= mnist_gain
 ARGS ?=
 
-.PHONY: run test bench venv clean
+.PHONY: run test bench venv clean ui report
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 run: venv
 	$(PY) -m sweep +experiment=$(EXPERIMENT) $(ARGS)
+
+ui: venv      # the MLflow UI on ./results (one worker, a free port); prints the runs-table link
+	$(PY) -m sweep ui $(ARGS)
+
+report: venv  # re-render the latest sweep's report from ./results, without Ray
+	$(PY) -m sweep report $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q -ra tests $(ARGS)

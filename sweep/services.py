@@ -102,15 +102,6 @@ class MlflowServer:
         self.stop()
 
 
-def ui_command(backend_uri: str, artifacts_dir: str) -> str:
-    """The command that opens the UI on a store; names this environment's `mlflow` (e.g. .venv/bin/mlflow),
-    which works without activating the venv."""
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    exe = exe if os.path.exists(exe) else "mlflow"
-    return (f"{exe} ui --backend-store-uri {backend_uri} --artifacts-destination {artifacts_dir} "
-            f"--host 127.0.0.1 --port 5000")
-
-
 def start_ray(address: str | None, num_cpus: int | None, num_gpus: float | None, verbose: bool,
               log_file: str | None) -> str | None:
     """Connect to `address`, or start a local Ray on loopback in a fresh temp dir (returned, to remove).
