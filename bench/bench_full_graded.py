@@ -4,7 +4,8 @@ One training step (forward + backward + precondition + SGD step) of full sqrtNGD
 [784,300,100,30,10], batch 128 (output-space Gram 1152^2), random data, in one process, interleaved:
 
 - gain 1: the rule as shipped (it checks the terms' scales, finds one grade and takes the single-matrix
-  path) vs the single-matrix rule before issue 10 (the same code with the scale check skipped).
+  path) vs the single-matrix rule before issue 10 (the same code with the scale check skipped); and the
+  scale check alone (the only added work, robust to load where the two step times are not).
 - gain 1e-6: the graded rule (four grades) vs the single-matrix rule (wrong there: it keeps only the last
   bias's directions; timed for the cost comparison only).
 
@@ -76,18 +77,29 @@ def main():
     fns = {k: step_fn(*v) for k, v in cases.items()}
     times = {k: [] for k in cases}
     grades = {k: fn() for k, fn in fns.items()}             # warm-up
-    for _ in range(args.repeats):
-        for k, fn in fns.items():                           # interleaved: load changes hit all alike
+    names = list(fns)
+    for r in range(args.repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:   # interleaved, order rotated each round
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
+    pre = CurvaturePreconditioner(model_at(1.0), q=2.0, structure="full")
+    gen = torch.Generator().manual_seed(1)
+    pre.forward_backward(torch.rand(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen))
+    b = pre._batch
+    check = []
+    for _ in range(args.repeats):                         # the only work gain 1 adds: the scale check
+        t = time.perf_counter()
+        mlp_curvature.one_grade(mlp_curvature._term_scales(b["abars"], b["deltas"], b["bsz"]))
+        check.append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     for k in cases:
         print(f"{k:24s} median {med[k] * 1e3:8.1f} ms  best {best[k] * 1e3:8.1f} ms  grades {grades[k]}")
     result = {
         "repeats": args.repeats, "threads": args.threads, "load_average_1min": os.getloadavg()[0],
-        "median_s": med, "best_s": best, "grades": grades,
+        "median_s": med, "best_s": best, "grades": grades, "scale_check_median_s": statistics.median(check),
+        "scale_check_over_gain1_step_median": statistics.median(check) / med["gain1_single_matrix"],
         "gain1_shipped_over_single_matrix_median": med["gain1_shipped"] / med["gain1_single_matrix"],
         "gain1_shipped_over_single_matrix_best": best["gain1_shipped"] / best["gain1_single_matrix"],
         "gain1e-6_graded_over_gain1_shipped_median": med["gain1e-6_graded"] / med["gain1_shipped"],

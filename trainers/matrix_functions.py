@@ -14,6 +14,9 @@ Why float64 and trace normalisation: at an initial gain of 1e-6 the curvature of
 decomposition here therefore runs on the matrix divided by its trace (the scale is folded back into
 the eigenvalues) in ``COMPUTE_DTYPE``, and retries in float64 if a lower precision was asked for
 and LAPACK fails to converge.
+
+Trace normalisation does not help when a matrix is a *sum* of terms whose scales differ by more than
+1e16: the small ones are lost in the sum. ``graded_power_apply`` takes such a sum term by term.
 """
 
 from __future__ import annotations

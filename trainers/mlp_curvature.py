@@ -31,7 +31,9 @@ range, so nothing is lost. The step carries the depth scaling ``1/d^(1/q)``, d =
 is ``K u`` (softmax: ``S_n u_n = p_n - onehot_n``, solvable because ``p - onehot`` is orthogonal to 1).
 The direction ``K (K^T K + damping)^(-1/q) u`` needs only the (BC)^2 output-space Gram
 ``K^T K[(n,c),(m,c')] = 1/B sum_l (abar_n . abar_m)(delta_{n,c,l} . delta_{m,c',l})``; the BC x P
-Jacobian is never formed.
+Jacobian is never formed. At small gains the layers' bias and weight terms of that sum span more scales
+than one float64 matrix holds (last bias O(1), weights gain^(2(d-1))): then every term is kept in its own
+scale and the direction comes from ``graded_power_apply`` (docs/curvature.md, "Graded full rule").
 
 All curvature algebra runs in float64 (``compute_dtype``) on trace-normalised matrices, so gain 1e-6
 (factors ~1e-36) works; directions are cast back to the parameters' dtype. NaN/Inf directions raise
