@@ -155,15 +155,21 @@ def kron_power_apply(left, right, g: torch.Tensor, q: float, damping: float = 0.
     return (u_left @ core) @ u_right.mT
 
 
-def finish_directions(directions, *, out_dtype, residual_norm: float, q: float, damping: float,
+def finish_directions(directions, *, out_dtype, residual_norm, q: float, damping: float,
                       what: str = "direction"):
     """Cast back to the caller's dtype; refuse NaN/Inf; warn when the update speed explodes.
 
     The warning threshold is |D| > |residual| / sqrt(eps(out_dtype)): q-NGD's speed scales as
     |residual| * |J|^(1 - 2/q), which explodes for q < 2 at small weights (paper section 3, S.I.3).
+    ``residual_norm`` may be a float or a 0-d tensor: both norms reach the host in one transfer (one
+    sync per step on a GPU).
     """
     out = [dd.to(out_dtype) for dd in directions]
-    norm = math.sqrt(sum(float(dd.double().square().sum()) for dd in out))   # NaN/Inf propagate
+    total = sum(dd.double().square().sum() for dd in out)                    # NaN/Inf propagate
+    both = torch.stack([torch.as_tensor(total, dtype=torch.float64),
+                        torch.as_tensor(residual_norm, dtype=torch.float64, device=torch.as_tensor(total).device)])
+    norm, residual_norm = both.tolist()
+    norm = math.sqrt(norm) if norm >= 0 else norm
     if not math.isfinite(norm):
         hint = ("set optimizer.damping > 0 (paper S.I.3 used 1e-3..1e-7 for NGD-d)" if damping == 0
                 else "increase optimizer.damping")

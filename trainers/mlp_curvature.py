@@ -207,7 +207,7 @@ class CurvaturePreconditioner:
         else:
             dirs = self._full_directions()
         out_dtype = linears[0].weight.dtype
-        dirs = finish_directions(dirs, out_dtype=out_dtype, residual_norm=float(self._batch["u"].norm()),
+        dirs = finish_directions(dirs, out_dtype=out_dtype, residual_norm=self._batch["u"].norm(),
                                  q=self.q, damping=self.damping, what=f"{self.structure} MLP direction")
         with torch.no_grad():
             for mod, dd in zip(linears, dirs):
