@@ -138,3 +138,127 @@ def test_summary_tracker():
     assert m["clipped_updates"] == 2 and m["steps_per_second"] > 0
     d = t.summary(25, clipped_updates=2, diverged_reason="loss is nan")
     assert d["status"] == "diverged" and d["diverged_step"] == 25 and d["reason"] == "loss is nan"
+
+
+# ------------------------------------------------------ weight-norm divergence against brute force
+def _lbfgs(params, objective, steps=400):
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, tolerance_grad=1e-14, tolerance_change=1e-16,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = objective()
+        f.backward()
+        return f
+    opt.step(closure)
+    with torch.no_grad():
+        return float(objective())
+
+
+def test_linear_norm_excess_is_the_minimum_over_the_symmetry_orbit():
+    """Brute force: minimise sum_i ||G_i w_i G_(i-1)^-1||^2 over invertible G_1..G_(d-1) (G_0 = G_d = I),
+    which leaves the map unchanged, with a generic optimiser from several starts; norm_excess must be
+    the current squared norm over that minimum."""
+    gen = torch.Generator().manual_seed(3)
+    n, d = 3, 3
+    ws = [torch.randn(n, n, generator=gen) * s for s in (0.3, 1.5, 0.8)]
+    wbar = ws[2] @ ws[1] @ ws[0]
+    total = sum(float(w.square().sum()) for w in ws)
+    best = math.inf
+    for start in range(3):
+        g = [(torch.eye(n) + 0.1 * start * torch.randn(n, n, generator=gen)).requires_grad_() for _ in range(d - 1)]
+
+        def objective():
+            mats = [torch.eye(n), *g, torch.eye(n)]
+            return sum((mats[i + 1] @ ws[i] @ torch.linalg.inv(mats[i])).square().sum() for i in range(d))
+        best = min(best, _lbfgs(g, objective))
+        mats = [torch.eye(n), *[x.detach() for x in g], torch.eye(n)]
+        moved = [mats[i + 1] @ ws[i] @ torch.linalg.inv(mats[i]) for i in range(d)]
+        torch.testing.assert_close(moved[2] @ moved[1] @ moved[0], wbar)  # same map
+    assert diag.norm_excess(ws, wbar) == pytest.approx(total / best, rel=1e-6)
+    assert total / best > 1.1  # the test case is far from balanced
+
+
+def _relu_forward(ws, bs, x):
+    h = x
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        h = h @ w.T + b
+        if i < len(ws) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def _rescaled(ws, bs, scales):
+    """Hidden neuron j of layer i scaled by scales[i][j] > 0: row j of W_i and b_i[j] times a, column j
+    of W_(i+1) divided by a (the ReLU commutes with positive scaling)."""
+    ws, bs = [w.clone() for w in ws], [b.clone() for b in bs]
+    for i, a in enumerate(scales):
+        ws[i] = ws[i] * a[:, None]
+        bs[i] = bs[i] * a
+        ws[i + 1] = ws[i + 1] / a[None, :]
+    return ws, bs
+
+
+def test_relu_norm_excess_is_the_minimum_over_per_neuron_rescalings():
+    """Brute force over the rescaling symmetry of a [3, 2, 2, 2] ReLU MLP with biases: a grid over the
+    four log-scales, refined by a generic optimiser on the rescaled weights themselves. The exact
+    minimum must match, the rescaling must leave the function unchanged, and at the minimum every
+    hidden neuron is balanced (the ReLU conservation quantity is 0)."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [3, 2, 2, 2]
+    ws = [torch.randn(o, i, generator=gen) * s for i, o, s in zip(sizes[:-1], sizes[1:], (3.0, 0.2, 1.0))]
+    bs = [torch.randn(o, generator=gen) * 0.5 for o in sizes[1:]]
+    x = torch.randn(50, 3, generator=gen)
+
+    def norm2(w_, b_):
+        return sum(w.square().sum() for w in w_) + sum(b.square().sum() for b in b_[:-1])
+
+    grid = torch.linspace(-3, 3, 25)
+    u = torch.cartesian_prod(grid, grid, grid, grid)                     # (25^4, 4)
+    a = torch.exp(u)
+    # vectorised grid: the objective of every grid point from the rescaled entries
+    s1, s2 = a[:, :2], a[:, 2:]
+    vals = ((ws[0][None] * s1[:, :, None]).square().sum((1, 2)) + (bs[0][None] * s1).square().sum(1)
+            + (ws[1][None] * s2[:, :, None] / s1[:, None, :]).square().sum((1, 2)) + (bs[1][None] * s2).square().sum(1)
+            + (ws[2][None] / s2[:, None, :]).square().sum((1, 2)))
+    start = u[int(vals.argmin())].clone().requires_grad_()
+
+    def objective():
+        sc = torch.exp(start)
+        return norm2(*_rescaled(ws, bs, [sc[:2], sc[2:]]))
+    brute = min(float(vals.min()), _lbfgs([start], objective))
+    exact = diag.min_rescaled_sq_norm(ws, bs)
+    assert exact == pytest.approx(brute, rel=1e-7)
+    assert exact <= brute * (1 + 1e-9)
+    total = float(norm2(ws, bs))
+    assert diag.relu_norm_excess(ws, bs) == pytest.approx(total / brute, rel=1e-7) and total / brute > 1.5
+    sc = torch.exp(start.detach())
+    w2, b2 = _rescaled(ws, bs, [sc[:2], sc[2:]])
+    torch.testing.assert_close(_relu_forward(w2, b2, x), _relu_forward(ws, bs, x))    # the same function
+    assert max(float(c.abs().max()) for c in diag.conservation_relu(w2, b2)) < 1e-6    # balanced
+    # already balanced nets have excess 1; scaling one neuron by 10 raises it
+    assert diag.relu_norm_excess(w2, b2) == pytest.approx(1.0, abs=1e-9)
+    w3, b3 = _rescaled(w2, b2, [torch.tensor([10.0, 1.0]), torch.ones(2)])
+    assert diag.relu_norm_excess(w3, b3) > 1.5
+
+
+def test_relu_norm_excess_on_an_mnist_sized_net_is_fast_and_exact_in_balance():
+    """The MNIST shapes [784, 300, 100, 30, 10]: the Newton solve reaches balance to 1e-9 relative."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [784, 300, 100, 30, 10]
+    ws = [torch.randn(o, i, generator=gen) / math.sqrt(i) * (1 + j) for j, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    bs = [0.1 * torch.randn(o, generator=gen) for o in sizes[1:]]
+    got = diag.min_rescaled_sq_norm(ws, bs)
+    # a Sinkhorn-style reference: alternately balance every neuron in closed form, many sweeps
+    sq = [w.square() for w in ws]
+    u = [torch.zeros(n) for n in sizes[1:-1]]
+    for _ in range(1500):
+        for i in range(len(u)):
+            below = torch.zeros(sizes[0]) if i == 0 else u[i - 1]
+            above = torch.zeros(sizes[-1]) if i == len(u) - 1 else u[i + 1]
+            inc = (sq[i] * torch.exp(-2 * below)[None, :]).sum(1) + bs[i].square()
+            out = (sq[i + 1] * torch.exp(2 * above)[:, None]).sum(0)
+            u[i] = 0.25 * torch.log(out / inc)
+    w2, b2 = _rescaled(ws, bs, [torch.exp(x) for x in u])
+    ref = float(sum(w.square().sum() for w in w2) + sum(b.square().sum() for b in b2[:-1]))
+    assert got == pytest.approx(ref, rel=1e-9)

@@ -20,7 +20,8 @@ import torch
 
 __all__ = [
     "weight_norms", "conservation_linear", "conservation_relu", "conservation_drift", "norm_excess",
-    "teacher_modes", "divergence_reason", "flat_norm", "EvalSchedule", "SummaryTracker",
+    "relu_norm_excess", "min_rescaled_sq_norm", "population_loss", "excess_train_loss", "teacher_modes",
+    "divergence_reason", "flat_norm", "EvalSchedule", "SummaryTracker",
 ]
 
 
@@ -59,13 +60,113 @@ def conservation_drift(c_now: Sequence[torch.Tensor], c_init: Sequence[torch.Ten
 
 
 def norm_excess(weights: Sequence[torch.Tensor], wbar: torch.Tensor) -> float:
-    """sum_i ||w_i||_F^2 / (d * sum_k sigma_k(wbar)^(2/d)): 1 for the balanced minimum-norm factorisation
-    of the same map (each layer then carries sigma_k^(1/d) on mode k), larger for any other."""
+    """Weight-norm divergence of a deep linear net (paper §5, Fig 3A/5): sum_i ||w_i||_F^2 over its minimum
+    across every factorisation of the same map ``wbar``, d * sum_k sigma_k(wbar)^(2/d) (reached by the
+    balanced factorisation, each layer carrying sigma_k^(1/d) on mode k). 1 = balanced, larger = excess
+    norm in directions that do not change the map. Needs every hidden width >= rank(wbar)."""
     d = len(weights)
     s = torch.linalg.svdvals(wbar.double())
     denom = d * float((s ** (2.0 / d)).sum())
     total = sum(float(w.double().square().sum()) for w in weights)
     return total / denom if denom > 0 else math.inf
+
+
+def min_rescaled_sq_norm(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                         *, tol: float = 1e-13, max_iter: int = 200) -> float:
+    """Exact minimum of ``sum_i ||W_i||_F^2 + sum_hidden ||b_i||^2`` over the per-neuron positive
+    rescalings of a ReLU MLP that leave its function unchanged: hidden neuron j of layer i scaled by
+    a = exp(u_ij) multiplies row j of W_i and b_i[j] by a and column j of W_(i+1) by 1/a.
+
+    Why exact and cheap: in log-scales u the objective is a sum of exponentials of linear functions
+    of u, sum S_i[j,k] exp(2 u_ij - 2 u_(i-1)k) + b_i[j]^2 exp(2 u_ij) (u_0 = u_L = 0), hence convex;
+    Newton's method with a backtracking line search on its dense (sum of hidden widths)^2 Hessian
+    converges quadratically. The output bias does not rescale and is left out. At the minimum
+    every hidden neuron is balanced (incoming norm^2 + bias^2 = outgoing norm^2: conservation_relu = 0).
+    """
+    sq = [w.detach().double().square() for w in weights]
+    bsq = [(torch.zeros(w.shape[0], dtype=torch.float64, device=w.device) if b is None
+            else b.detach().double().square()) for w, b in zip(weights[:-1], biases[:-1])]
+    scale = float(sum(s.sum() for s in sq) + sum(b.sum() for b in bsq))
+    if scale == 0 or not math.isfinite(scale):
+        return scale
+    sq, bsq = [s / scale for s in sq], [b / scale for b in bsq]
+    sizes = [s.shape[0] for s in sq[:-1]]
+    n = sum(sizes)
+    if n == 0:
+        return scale
+    offs = [0]
+    for k in sizes:
+        offs.append(offs[-1] + k)
+    dev = sq[0].device
+
+    def split(u):
+        zero_in = torch.zeros(sq[0].shape[1], dtype=torch.float64, device=dev)
+        zero_out = torch.zeros(sq[-1].shape[0], dtype=torch.float64, device=dev)
+        return [zero_in] + [u[offs[i]:offs[i + 1]] for i in range(len(sizes))] + [zero_out]
+
+    def terms(u):
+        us = split(u)
+        mats = [s * torch.exp(2 * us[i + 1][:, None] - 2 * us[i][None, :]) for i, s in enumerate(sq)]
+        bias = [b * torch.exp(2 * us[i + 1]) for i, b in enumerate(bsq)]
+        return mats, bias
+
+    def value(u):
+        mats, bias = terms(u)
+        return float(sum(m.sum() for m in mats) + sum(b.sum() for b in bias))
+
+    u = torch.zeros(n, dtype=torch.float64, device=dev)
+    f = value(u)
+    for _ in range(max_iter):
+        mats, bias = terms(u)
+        grad = torch.zeros(n, dtype=torch.float64, device=dev)
+        hess = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        for i in range(len(sizes)):  # hidden layer i+1 (1-based): rows of W_(i+1), columns of W_(i+2)
+            lo, hi = offs[i], offs[i + 1]
+            out_in = mats[i].sum(1) + bias[i]          # incoming weights and bias of each neuron
+            in_out = mats[i + 1].sum(0)               # outgoing weights
+            grad[lo:hi] = 2 * (out_in - in_out)
+            hess[lo:hi, lo:hi] += torch.diag(4 * (out_in + in_out))
+        for i in range(1, len(sizes)):  # coupling of hidden layers i and i+1 through W_(i+1)
+            lo, hi, plo, phi = offs[i], offs[i + 1], offs[i - 1], offs[i]
+            hess[lo:hi, plo:phi] -= 4 * mats[i]
+            hess[plo:phi, lo:hi] -= 4 * mats[i].T
+        ridge = 1e-14 * float(hess.diagonal().max())
+        step = -torch.linalg.solve(hess + ridge * torch.eye(n, dtype=torch.float64, device=dev), grad)
+        decrement = -float(grad @ step)
+        if decrement <= tol * f:
+            break
+        t = 1.0
+        while t > 1e-12:
+            f_new = value(u + t * step)
+            if f_new <= f - 0.25 * t * decrement:
+                break
+            t *= 0.5
+        u, f = u + t * step, f_new
+    return f * scale
+
+
+def relu_norm_excess(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> float:
+    """Weight-norm divergence of a ReLU MLP, the analogue of :func:`norm_excess` over the per-neuron
+    rescaling symmetry: ``(sum_i ||W_i||^2 + sum_hidden ||b_i||^2) / min_rescaled_sq_norm``; 1 when
+    every hidden neuron is balanced, larger when norm sits in rescalings that do not change the function."""
+    total = sum(float(w.detach().double().square().sum()) for w in weights)
+    total += sum(float(b.detach().double().square().sum()) for b in biases[:-1] if b is not None)
+    minimum = min_rescaled_sq_norm(weights, biases)
+    return total / minimum if minimum > 0 else math.inf
+
+
+def population_loss(delta: torch.Tensor, sigma_half: torch.Tensor | None = None) -> float:
+    """``1/2 tr(Delta Sigma Delta^T)`` = 1/2 E_x ||Delta x||^2 for x with covariance Sigma, given
+    ``sigma_half`` = Sigma^(1/2) (None = identity): the exact expected loss of the map error Delta."""
+    d = delta.double() if sigma_half is None else delta.double() @ sigma_half.double()
+    return 0.5 * float(d.square().sum())
+
+
+def excess_train_loss(train_loss: float, min_loss: float, initial_loss: float) -> float:
+    """Convergence measure: (L - L*) / (L(0) - L*), L* the minimum of the training loss (the
+    interpolating / least-squares map). 0 at the minimum, 1 at the start, scale-free."""
+    gap = initial_loss - min_loss
+    return (train_loss - min_loss) / gap if gap > 0 else 0.0
 
 
 def teacher_modes(wbar: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
@@ -117,7 +218,11 @@ class EvalSchedule:
 
 class SummaryTracker:
     """Folds eval records into the summary record (Contract 2). The trainer calls ``eval`` at each
-    evaluation and ``summary`` once at the end (also after a divergence)."""
+    evaluation, optionally ``test_loss_at`` at every step (then the early-stopping point is resolved
+    to the step), and ``summary`` once at the end (also after a divergence).
+
+    Early-stopping point: the step with the lowest ``test_loss`` among the steps the trainer scored
+    (every step for the linear teacher, every evaluation for the MLP); ties go to the earliest."""
 
     def __init__(self):
         self.start = time.perf_counter()
@@ -128,12 +233,14 @@ class SummaryTracker:
         self.max_drift = 0.0
         self.clipped = 0
 
+    def test_loss_at(self, step: int, test_loss: float) -> None:
+        if math.isfinite(test_loss) and test_loss < self.best_test_loss:
+            self.best_step, self.best_test_loss = step, test_loss
+
     def eval(self, step: int, metrics: dict[str, float]) -> dict:
         if self.initial_weight_norm is None:
             self.initial_weight_norm = metrics["weight_norm"]
-        test_loss = metrics.get("test_loss", math.nan)
-        if math.isfinite(test_loss) and test_loss < self.best_test_loss:
-            self.best_step, self.best_test_loss = step, test_loss
+        self.test_loss_at(step, metrics.get("test_loss", math.nan))
         drift = metrics.get("conservation_drift", 0.0)
         if math.isfinite(drift):
             self.max_drift = max(self.max_drift, drift)
@@ -142,21 +249,30 @@ class SummaryTracker:
         return {"kind": "eval", "step": step, "metrics": metrics}
 
     def summary(self, step: int, *, clipped_updates: int, diverged_reason: str | None = None,
-                steps_done: int | None = None, weight_norm: float | None = None) -> dict:
+                steps_done: int | None = None, weight_norm: float | None = None,
+                converged: bool | None = None) -> dict:
+        """``converged``: True/False when the trainer applies a convergence criterion (None: it does
+        not, the budget alone ended the trial); a diverged trial is never converged."""
         elapsed = time.perf_counter() - self.start
         steps_done = step if steps_done is None else steps_done
         final_norm = self.last.get("weight_norm", math.nan) if weight_norm is None else weight_norm
         init = self.initial_weight_norm
+        diverged = diverged_reason is not None
+        if diverged and converged is not None:
+            converged = False
         metrics = {
             "early_stop_step": self.best_step,
             "early_stop_test_loss": self.best_test_loss if self.best_step is not None else math.nan,
             "final_train_loss": self.last.get("train_loss", math.nan),
             "final_test_loss": self.last.get("test_loss", math.nan),
+            "final_norm_excess": self.last.get("norm_excess", math.nan),
             "weight_norm_growth": final_norm / init if init else math.nan,
             "max_conservation_drift": self.max_drift,
             "steps_per_second": steps_done / elapsed if elapsed > 0 else math.nan,
             "clipped_updates": clipped_updates,
         }
-        diverged = diverged_reason is not None
+        if converged is not None:
+            metrics["converged"] = 1.0 if converged else 0.0
         return {"kind": "summary", "status": "diverged" if diverged else "finished", "step": step,
-                "metrics": metrics, "diverged_step": step if diverged else None, "reason": diverged_reason}
+                "metrics": metrics, "diverged_step": step if diverged else None, "reason": diverged_reason,
+                "converged": converged}
