@@ -47,7 +47,9 @@ OPTIMIZERS = {
 class OptimizerConfig:
     """``optimizer:`` of a trial config. ``q`` and ``structure`` follow from ``name`` (given values must
     agree); only ``qngd``/``qngd_d`` take ``q`` freely (>= 1). The step is ``w <- w - lr * D`` where
-    D = (H+ + damping)^(-1/q) g (block: per layer, with the 1/d^(1/q) factor), then, when ``clip`` is
+    D = (H+ + damping)^(-1/q) g (``damping_form: lm``, Levenberg-Marquardt: D -> 0 as damping -> inf) or
+    D = ((1 + damping) / (H+ + damping))^(1/q) g (``damping_form: interpolate``, paper S.I.2: D -> g,
+    i.e. SGD, as damping -> inf) (block: per layer, with the 1/d^(1/q) factor), then, when ``clip`` is
     set, the whole update lr*D is scaled down to norm ``clip``. ``rtol`` is the Moore–Penrose cut-off
     relative to the largest eigenvalue (null = the update-rule module's default). ``curvature_every``
     (block rules, mnist_mlp): 1 = exact curvature every step; k > 1 reuses the output factors'
@@ -60,6 +62,7 @@ class OptimizerConfig:
     structure: str = "full"
     lr: float = 0.01
     damping: float = 0.0
+    damping_form: str = "lm"
     clip: float | None = None
     rtol: float | None = None
     curvature_every: int = 1
@@ -87,6 +90,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.lr={cfg.lr} must be a positive finite number")
         if not (cfg.damping >= 0):
             raise ValueError(f"optimizer.damping={cfg.damping} must be >= 0")
+        if cfg.damping_form not in ("lm", "interpolate"):
+            raise ValueError(f"optimizer.damping_form={cfg.damping_form!r} must be lm (Levenberg-Marquardt, "
+                             "(H + eps)^(-1/q)) or interpolate (paper S.I.2, ((1 + eps) / (H + eps))^(1/q))")
         if cfg.clip is not None and not cfg.clip > 0:
             raise ValueError(f"optimizer.clip={cfg.clip} must be > 0, or null for no clipping")
         if cfg.rtol is not None and not 0 <= cfg.rtol < 1:

@@ -25,6 +25,7 @@ import torch
 
 from trainers.matrix_functions import (
     COMPUTE_DTYPE,
+    DAMPING_FORMS,
     default_rtol,
     depth_scale,
     eigh_psd,
@@ -89,20 +90,25 @@ def block_factors(weights, sigma_x=None):
     return out
 
 
-def natural_direction(weights, delta, *, q, structure="full", damping=0.0, sigma_x=None, rtol=None):
+def natural_direction(weights, delta, *, q, structure="full", damping=0.0, sigma_x=None, rtol=None,
+                      damping_form="lm"):
     """Per-layer q-NGD directions ``D_i``; the step is ``w_i <- w_i - lr * D_i``.
 
     ``q`` >= 1 (1 = NGD, 2 = sqrtNGD) or ``inf`` (the plain gradient ``w_>i^T Delta Sigma_x w_<i^T``);
     ``structure`` "full" (exact ``(H+ + damping)^(-1/q) g``, Moore-Penrose with no damping) or "block"
     (``(H_ii + damping)^(-1/q) g_i / d^(1/q)``: NGD-d, sqrtNGD-d). ``delta = wbar - wbar*``,
     ``sigma_x`` = E[x x^T] (identity when None), ``rtol`` = pseudo-inverse cut-off relative to the
-    largest eigenvalue (default n * eps(float64), n the operator size). Works in float64 internally
+    largest eigenvalue (default n * eps(float64), n the operator size). ``damping_form`` "lm" uses
+    ``(H + damping)^(-1/q)``, "interpolate" ``((1 + damping) / (H + damping))^(1/q)`` (paper S.I.2; the
+    full rule tends to SGD as damping -> inf, the block rule to SGD / d^(1/q)). Works in float64 internally
     and returns tensors of the weights' dtype and device.
 
     Raises ``CurvatureOverflowError`` instead of returning NaN/Inf (q=1 at tiny weights without
     damping), and warns ``ExplodingUpdateWarning`` when the direction dwarfs the residual.
     """
     q = validate_rule(q, damping, rtol)
+    if damping_form not in DAMPING_FORMS:
+        raise ValueError(f"optimizer.damping_form must be one of {DAMPING_FORMS}, got {damping_form!r}")
     if structure not in STRUCTURES:
         raise ValueError(f"optimizer.structure must be one of {STRUCTURES}, got {structure!r}")
     _check_shapes(weights, delta, sigma_x)
@@ -123,7 +129,8 @@ def natural_direction(weights, delta, *, q, structure="full", damping=0.0, sigma
         dirs = []
         for g, lo, hi in zip(grads, below, above):
             a = lo @ lo.mT if sig is None else lo @ sig @ lo.mT
-            dirs.append(scale * kron_power_apply(eigh_psd(hi.mT @ hi), eigh_psd(a), g, q, damping, rtol))
+            dirs.append(scale * kron_power_apply(eigh_psd(hi.mT @ hi), eigh_psd(a), g, q, damping, rtol,
+                                                 damping_form))
     else:
         half = None if sig is None else _sqrt_psd(sig)
         n_out, n_in = dl.shape
@@ -133,7 +140,7 @@ def natural_direction(weights, delta, *, q, structure="full", damping=0.0, sigma
             gram += torch.kron(hi @ hi.mT, right)
         v = dl if half is None else dl @ half
         rtol = default_rtol(n_out * n_in) if rtol is None else rtol
-        u = psd_power_apply(gram, v.reshape(-1), q, damping, rtol).reshape(n_out, n_in)
+        u = psd_power_apply(gram, v.reshape(-1), q, damping, rtol, form=damping_form).reshape(n_out, n_in)
         if half is not None:
             u = u @ half
         dirs = [hi.mT @ u @ lo.mT for lo, hi in zip(below, above)]

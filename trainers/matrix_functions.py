@@ -2,8 +2,12 @@
 
 Knows nothing about training. Every rule of the family is ``f(H) g`` with the spectral function
 
-    f(lam) = (lam + damping) ** (-1/q)             (damping > 0, Levenberg-Marquardt)
-    f(lam) = lam ** (-1/q) if lam > rtol * lam_max else 0   (damping == 0, Moore-Penrose)
+    f(lam) = (lam + damping) ** (-1/q)             (damping > 0, form "lm": Levenberg-Marquardt;
+                                                    -> 0 as damping -> inf)
+    f(lam) = ((1 + damping) / (lam + damping)) ** (1/q)   (damping > 0, form "interpolate": paper
+                                                    S.I.2's (eps+1)(eps I + H+)^-1 for q = 1;
+                                                    -> 1, i.e. SGD, as damping -> inf)
+    f(lam) = lam ** (-1/q) if lam > rtol * lam_max else 0   (damping == 0, Moore-Penrose, either form)
 
 and ``f = 1`` for ``q = inf`` (plain gradient). With no damping the null space is dropped, never
 inverted. The default ``rtol`` is ``n * eps(dtype)`` for an ``n x n`` operator decomposed in ``dtype``
@@ -28,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 COMPUTE_DTYPE = torch.float64
+DAMPING_FORMS = ("lm", "interpolate")
 
 
 class CurvatureOverflowError(FloatingPointError):
@@ -92,12 +97,17 @@ def eigh_psd(mat: torch.Tensor, *, dtype: torch.dtype = COMPUTE_DTYPE, scale=Non
     return evals.to(torch.float64).clamp_min(0) * total, evecs
 
 
-def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float) -> torch.Tensor:
+def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float,
+                    form: str = "lm") -> torch.Tensor:
     """f(lam) of the module docstring, elementwise (any shape; lam_max over all entries)."""
     if math.isinf(q):
         return torch.ones_like(evals)
     evals = evals.clamp_min(0)
     if damping > 0:
+        if form == "interpolate":
+            return _neg_root((evals + damping) / (1.0 + damping), q)
+        if form != "lm":
+            raise ValueError(f"optimizer.damping_form must be one of {DAMPING_FORMS}, got {form!r}")
         return _neg_root(evals + damping, q)
     lam_max = evals.max() if evals.numel() else evals.new_zeros(())
     keep = evals > rtol * lam_max
@@ -116,7 +126,7 @@ def _neg_root(x: torch.Tensor, q: float) -> torch.Tensor:
 
 def psd_power_apply(mat: torch.Tensor, rhs: torch.Tensor, q: float, damping: float = 0.0,
                     rtol: float | None = None, *, dtype: torch.dtype = COMPUTE_DTYPE,
-                    scale=None) -> torch.Tensor:
+                    scale=None, form: str = "lm") -> torch.Tensor:
     """``f(mat) @ rhs`` for a symmetric PSD ``mat`` (n x n) and ``rhs`` (n or n x k), in ``dtype``.
 
     ``scale``: the true matrix is ``scale * mat`` (lets callers pass a normalised matrix).
@@ -126,14 +136,14 @@ def psd_power_apply(mat: torch.Tensor, rhs: torch.Tensor, q: float, damping: flo
     n = mat.shape[-1]
     rtol = default_rtol(n, dtype) if rtol is None else rtol
     evals, evecs = eigh_psd(mat, dtype=dtype, scale=scale)
-    f = spectral_factor(evals, q, damping, rtol)
+    f = spectral_factor(evals, q, damping, rtol, form)
     coef = (evecs.mT @ rhs.to(dtype)).to(torch.float64)
     coef = coef * (f if coef.dim() == 1 else f[:, None])
     return evecs @ coef.to(dtype)
 
 
 def kron_power_apply(left, right, g: torch.Tensor, q: float, damping: float = 0.0,
-                     rtol: float | None = None) -> torch.Tensor:
+                     rtol: float | None = None, form: str = "lm") -> torch.Tensor:
     """``f(L (x) R)`` applied to the matrix ``g`` as the operator ``g -> L g R``, without forming it.
 
     ``left = (mu, U_L)`` and ``right = (lam, U_R)`` are eigen-decompositions of the two PSD factors
@@ -149,7 +159,7 @@ def kron_power_apply(left, right, g: torch.Tensor, q: float, damping: float = 0.
     gd = g.to(dtype)
     if math.isinf(q):
         return gd
-    f = spectral_factor(mu[:, None] * lam[None, :], q, damping, rtol)
+    f = spectral_factor(mu[:, None] * lam[None, :], q, damping, rtol, form)
     core = u_left.mT @ (gd @ u_right) if u_right.shape[1] < u_right.shape[0] else (u_left.mT @ gd) @ u_right
     core = (core.to(torch.float64) * f).to(dtype)
     return (u_left @ core) @ u_right.mT

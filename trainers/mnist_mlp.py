@@ -29,6 +29,9 @@ min(10,000, n_train) training examples (a fixed set, so curves are comparable), 
 ``test_accuracy`` on the whole (sub)set of test examples. ``weight_norm`` counts the weight matrices;
 ``conservation_drift`` uses the per-neuron law of ``trainers.diagnostics.conservation_relu`` and divides
 by the sum of squared weights *and* biases. ``update_norm`` is ||lr * direction|| of the last step.
+``norm_excess`` (the weight-norm divergence, as for the linear teacher) = sum of squared weights and
+hidden biases over its exact minimum across the per-neuron rescalings that leave the function unchanged
+(``trainers.diagnostics.relu_norm_excess``; 1 = every hidden neuron balanced).
 """
 
 from __future__ import annotations
@@ -124,6 +127,9 @@ def run(config: Mapping) -> Iterator[dict]:
     """Validate ``config`` and load the data now; return the generator of records (Contract 2)."""
     cfg = config_from_dict(MnistMlpConfig, config["trainer"], "trainer")
     opt = OptimizerConfig.from_dict(config.get("optimizer"))
+    if opt.damping_form != "lm" and opt.damping > 0:
+        raise ValueError(f"optimizer.damping_form={opt.damping_form!r} is implemented for the linear_teacher "
+                         "trainer only; use damping_form: lm with mnist_mlp")
     device = resolve_device(config.get("device", "auto"))
     seed = int(config.get("seed", 0))
     from trainers.data import load_dataset
@@ -199,7 +205,8 @@ def _steps(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Ite
             squared = sum(float(p.detach().double().square().sum()) for p in params)
             metrics = {"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc, **norms,
                        **diag.conservation_drift(conservation(), c_init, squared),
-                       "update_norm": update_norm, "clipped_updates": clipped}
+                       "update_norm": update_norm, "clipped_updates": clipped,
+                       "norm_excess": diag.relu_norm_excess([m.weight for m in linears], [m.bias for m in linears])}
             if pre.amortised is not None:   # share of output factors decomposed afresh (1 = exact's cost)
                 metrics["curvature_refresh_rate"] = pre.amortised.refresh_rate()
             yield tracker.eval(step, metrics)
