@@ -46,12 +46,23 @@ def test_mnist_gain_grid_zips_damping_with_gain_for_ngd_d_only():
 def test_teacher_student_and_fractional_q_grids():
     _, ts = _expand("teacher_student")
     assert len(ts) == 5 * 5
+    assert all(t.config["trainer"]["converge_tol"] == 1e-3 for t in ts)       # like-for-like: run to convergence
     ngd = [t.config["optimizer"] for t in ts if t.optimizer in ("ngd", "ngd_d")]
     assert ngd and all(o["damping"] == 1e-5 and o["clip"] is not None for o in ngd)
+    assert {t.config["trainer"]["steps"] for t in ts if t.optimizer == "sgd"} == {400_000}
+    _, nw = _expand("teacher_student_nonwhite")
+    assert len(nw) == 25 and all(not t.config["trainer"]["whiten"] and t.config["trainer"]["input_cov_cond"] == 100
+                                 for t in nw)
     _, fq = _expand("fractional_q")
-    qs = sorted({(t.config["optimizer"]["structure"], t.config["optimizer"]["q"]) for t in fq})
+    opts = {(t.config["optimizer"]["structure"], t.config["optimizer"]["q"]): t.config["optimizer"] for t in fq}
+    assert sorted(opts) == sorted((s, q) for s in ("full", "block") for q in (1, 1.5, 2, 3, 4, math.inf))
+    for (_, q), o in opts.items():   # undamped and unclipped wherever stable; the NGD safeguards at q = 1 only
+        assert (o["damping"], o["clip"]) == ((1e-5, 0.1) if q == 1 else (0.0, None)), (q, o)
+    _, fd = _expand("fractional_q_damped")
+    qs = sorted({(t.config["optimizer"]["structure"], t.config["optimizer"]["q"]) for t in fd})
     assert qs == sorted((s, q) for s in ("full", "block") for q in (1, 1.5, 2, 3, 4, 8, math.inf))
-    assert {t.variant for t in fq} >= {"qngd q=1.5", "qngd_d q=inf"}
+    assert all((t.config["optimizer"]["damping"], t.config["optimizer"]["clip"]) == (1e-5, 0.1) for t in fd)
+    assert {t.variant for t in fd} >= {"qngd q=1.5", "qngd_d q=inf"}
 
 
 def test_command_line_override_wins_and_identical_points_collapse():

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 def _trial(seed: int) -> SimpleNamespace:
     config = {"seed": seed, "device": "cpu", "optimizer": {"name": "sgd", "lr": 0.05},
               "trainer": {"name": "linear_teacher", "width": 4, "depth": 2, "rank": 1,
-                          "teacher_singular_values": [1.0], "train_samples": 4, "test_samples": 40,
+                          "teacher_singular_values": [1.0], "train_samples": 4,
                           "steps": 5, "eval_every": 5}}
     return SimpleNamespace(variant="sgd", config=config)
 
