@@ -1,12 +1,14 @@
 """The comparison, read back from MLflow after the sweep (so resumed and reused trials count as much as
 new ones), or re-rendered later by `python -m sweep report` without Ray.
 
-Per trial: `weight_norm_divergence` = its final weight_norm / that of the reference optimizer at the
-same gain and seed (logged on the child runs too, through the tracker's queue). Per variant x gain:
+Per trial: `norm_excess_vs_full` = a block rule's final `norm_excess` / that of its full counterpart
+(NGD-d / NGD, sqrtNGD-d / sqrtNGD, qngd_d / qngd at the same q) at the same gain and seed, only where
+both finished and (where judged) converged, so no ratio rests on a stuck or unfinished reference
+(logged on the child runs too, through the tracker's queue). Per variant x gain:
 mean and std (over seeds, ddof=0) of the summary metrics: all of them in summary.csv; the headline
 metric as a variant x gain pivot and the other `METRICS` in a second table, both sized for 80 columns.
 Figures, as in the paper (Fig 4, Fig S.I.2): train / test loss (and accuracy) per gain, band = the
-table's mean ± std; drift and weight norm; the teacher-student mode magnitudes against the teacher's
+table's mean ± std; drift and norm excess; the teacher-student mode magnitudes against the teacher's
 singular values. Histories come from the records the driver streamed, else one bulk read per metric.
 """
 from __future__ import annotations
@@ -29,8 +31,8 @@ from rich.table import Table  # noqa: E402
 
 # Every summary metric a trial may report (summary.csv keeps them all).
 SUMMARY_METRICS = ("final_test_loss", "early_stop_test_loss", "early_stop_step", "final_train_loss",
-                   "test_accuracy", "weight_norm_growth", "weight_norm_divergence", "norm_excess",
-                   "max_conservation_drift", "converged", "clipped_updates", "steps_per_second", "trial_seconds")
+                   "test_accuracy", "weight_norm_growth", "norm_excess", "norm_excess_vs_full",
+                   "max_conservation_drift", "converged", "rescaled_time", "clipped_updates", "steps_per_second", "trial_seconds")
 # The printed ones: metric -> (short column label, what it means). The first is the headline (the pivot);
 # a metric no trial reported is left out, so new metrics slot in by adding a line here.
 METRICS = {
@@ -38,8 +40,9 @@ METRICS = {
     "early_stop_test_loss": ("best loss", "early stopping: the lowest test loss"),
     "early_stop_step": ("best step", "the step of the lowest test loss"),
     "test_accuracy": ("accuracy", "final test accuracy"),
-    "weight_norm_divergence": ("norm/ref", "final weight norm / the reference optimizer's (same gain, seed)"),
-    "norm_excess": ("norm exc.", "weight-norm excess over the minimum-norm solution"),
+    "norm_excess": ("norm exc.", "sum ||W||^2 over its minimum on the symmetry orbit (1 = balanced)"),
+    "norm_excess_vs_full": ("blk/full", "norm exc. of a block rule / its full counterpart's (same gain, "
+                                        "seed; both converged)"),
     "converged": ("converged", "fraction of seeds that converged"),
     "max_conservation_drift": ("drift", "largest conservation-law drift"),
 }
@@ -95,14 +98,13 @@ class Source:
     parent_id: str
     experiment: str
     sweep_id: str
-    reference: str = "sgd"
     order: list = field(default_factory=list)       # trial keys in grid order
     streamed: list = field(default_factory=list)    # [(RunHandle, [(key, value, step), ...]), ...]
 
     @classmethod
     def of(cls, sweep) -> "Source":
         return cls(sweep.tracker, sweep.exp_id, sweep.parent_id, sweep.experiment, sweep.sweep_id,
-                   sweep.cfg.report.reference, [t.key for t in sweep.trials], list(getattr(sweep, "streamed", [])))
+                   [t.key for t in sweep.trials], list(getattr(sweep, "streamed", [])))
 
 
 def trial_table(tracker, exp_id: str, parent_id: str, sweep_id: str | None = None) -> pd.DataFrame:
@@ -125,23 +127,34 @@ def trial_table(tracker, exp_id: str, parent_id: str, sweep_id: str | None = Non
     return df
 
 
-def reference_variant(df: pd.DataFrame, reference: str) -> str | None:
-    """`report.reference` names a variant label, or an optimizer with a plain variant of that name."""
-    variants = set(df["variant"])
-    if reference in variants:
-        return reference
-    named = sorted(v for v in variants if v.split(" ")[0] == reference)
-    return named[0] if len(named) == 1 else None
+def full_counterpart(variant: str) -> str | None:
+    """The full-structure variant a block variant compares with: "ngd_d" -> "ngd",
+    "qngd_d q=1.5" -> "qngd q=1.5"; None for a full variant."""
+    head, *rest = variant.split(" ")
+    return " ".join([head[:-2], *rest]) if head.endswith("_d") else None
 
 
-def add_divergence(df: pd.DataFrame, reference: str) -> pd.DataFrame:
-    ref = reference_variant(df, reference)
-    df["weight_norm_divergence"] = np.nan
-    if ref is None or "weight_norm" not in df:
+def _comparable(df: pd.DataFrame) -> pd.Series:
+    """Trials a ratio may use: finished (not diverged or failed) and, where judged, converged."""
+    ok = (df["status"] == "finished") & (df["run_status"] == "FINISHED")
+    if "converged" in df:
+        ok &= pd.to_numeric(df["converged"], errors="coerce").fillna(1.0) != 0
+    return ok
+
+
+def add_block_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    """`norm_excess_vs_full` per block trial (module docstring); NaN where either side is missing,
+    diverged or unconverged."""
+    df["norm_excess_vs_full"] = np.nan
+    if "norm_excess" not in df:
         return df
-    base = df[df["variant"] == ref].set_index(["gain", "seed"])["weight_norm"]
-    key = list(zip(df["gain"], df["seed"]))
-    df["weight_norm_divergence"] = [df["weight_norm"].iloc[i] / base.get(k, np.nan) for i, k in enumerate(key)]
+    ok = _comparable(df)
+    base = df[ok].set_index(["variant", "gain", "seed"])["norm_excess"]
+    ratios = []
+    for i, (variant, gain, seed, value) in enumerate(zip(df["variant"], df["gain"], df["seed"], df["norm_excess"])):
+        ref = full_counterpart(variant)
+        ratios.append(value / base.get((ref, gain, seed), np.nan) if ref and ok.iloc[i] else np.nan)
+    df["norm_excess_vs_full"] = ratios
     return df
 
 
@@ -469,7 +482,7 @@ def plot_curves(df, h, path: Path, title: str) -> bool:
 
 def plot_norms(df, h, path: Path, title: str) -> bool:
     keys = [(k, label) for k, label in (("conservation_drift", "conservation drift"),
-                                         ("weight_norm", "weight norm  Σ ||W_l||_F")) if (h["key"] == k).any()]
+                                         ("norm_excess", "norm excess (1 = balanced)")) if (h["key"] == k).any()]
     if not keys:
         return False
     gains = sorted(df["gain"].unique(), reverse=True)
@@ -499,7 +512,7 @@ def plot_norms(df, h, path: Path, title: str) -> bool:
     handles = [Line2D([], [], **{k: v for k, v in style[v].items() if k not in ("zorder", "markevery")}, label=v)
                for v in variants]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: conservation-law drift and weight norm (mean over seeds, band = ±1 std)", fontsize=11)
+    fig.suptitle(f"{title}: conservation-law drift and norm excess (mean over seeds, band = ±1 std)", fontsize=11)
     fig.tight_layout(rect=(0, 0.08 if len(handles) <= 5 else 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -582,32 +595,29 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
     order = {k: i for i, k in enumerate(src.order)}
     df = df.assign(_order=[order.get(k, len(order)) for k in df["trial_key"]]).sort_values("_order", kind="stable")
     df = df.drop(columns="_order").reset_index(drop=True)
-    df = add_divergence(df, src.reference)
-    ref = reference_variant(df, src.reference)
-    for run_id, value in zip(df["run_id"], df["weight_norm_divergence"]):
+    df = add_block_ratio(df)
+    for run_id, value in zip(df["run_id"], df["norm_excess_vs_full"]):
         if np.isfinite(value):  # queued: written while the figures render
-            tr.log_metrics(_handle(run_id), [("weight_norm_divergence", float(value), 0)])
+            tr.log_metrics(_handle(run_id), [("norm_excess_vs_full", float(value), 0)])
     summary = summarize(df)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out_dir / "summary.csv", index=False)
     df.to_csv(out_dir / "trials.csv", index=False)
     title = f"{src.experiment} (sweep {src.sweep_id})"
-    note = "" if ref else f" (no weight_norm_divergence: reference '{src.reference}' is not in this grid)"
-    print_summary(summary, console, f"{title}: mean ± std over seeds{note}")
+    print_summary(summary, console, f"{title}: mean ± std over seeds")
     import json
     note_md = summary_markdown(summary, title)
     tr.set_tags(_handle(src.parent_id), {"mlflow.note.content": note_md[:7900],
-                                         "sweep.variants": json.dumps(list(dict.fromkeys(df["variant"])))[:7900],
-                                         "sweep.reference": src.reference})
+                                         "sweep.variants": json.dumps(list(dict.fromkeys(df["variant"])))[:7900]})
     tr.log_metrics(_handle(src.parent_id), parent_metrics(summary))
 
     signal_keys = sorted(c for c in df.columns if c.startswith("signal_mode."))
-    keys = [k for k in ("train_loss", "test_loss", "test_accuracy", "conservation_drift", "weight_norm",
+    keys = [k for k in ("train_loss", "test_loss", "test_accuracy", "conservation_drift", "norm_excess",
                         "noise_mode", *signal_keys) if k in df]
     h = histories(tr, df, keys, src.streamed)
     plots = []
     for name, draw in (("learning_curves.png", lambda p: plot_curves(df, h, p, src.experiment)),
-                       ("drift_and_weight_norm.png", lambda p: plot_norms(df, h, p, src.experiment)),
+                       ("drift_and_norm_excess.png", lambda p: plot_norms(df, h, p, src.experiment)),
                        ("modes.png", lambda p: plot_modes(df, h, p, src.experiment, signal_keys))):
         if draw(out_dir / name):
             plots.append(out_dir / name)
@@ -663,8 +673,7 @@ def main(argv: list[str]) -> int:
         if not df.empty:
             df = df.assign(_v=[rank.get(v, len(rank)) for v in df["variant"]]).sort_values(
                 ["_v", "gain", "seed"], ascending=[True, False, True], kind="stable")
-        src = Source(tracker, exp_id, parent.info.run_id, exp_name, sweep_id,
-                     parent.data.tags.get("sweep.reference", "sgd"), list(df.get("trial_key", [])))
+        src = Source(tracker, exp_id, parent.info.run_id, exp_name, sweep_id, list(df.get("trial_key", [])))
         out = Path(a.out) if a.out else results / "reports" / sweep_id
         if report(src, console, out) is None:
             raise SystemExit(f"error: sweep {sweep_id} has no trials yet")

@@ -105,7 +105,6 @@ class TrackingConf:
 
 @dataclass
 class ReportConf:
-    reference: str = "sgd"   # optimizer (or variant label) weight_norm_divergence divides by
     enabled: bool = True
 
 

@@ -52,19 +52,18 @@ def test_smoke_sweep_end_to_end(mlflow_server, experiment_name, tmp_path):
     # metrics of the contract, per evaluation with its step, and the summary
     for key in ("train_loss", "test_loss", "weight_norm", "weight_norm.l1", "conservation_drift",
                 "signal_mode.k1", "noise_mode", "final_test_loss", "early_stop_step", "early_stop_test_loss",
-                "weight_norm_growth", "max_conservation_drift", "weight_norm_divergence"):
+                "weight_norm_growth", "max_conservation_drift", "norm_excess", "final_norm_excess", "converged"):
         assert children[f"metrics.{key}"].notna().all(), key
     client = MlflowClient(mlflow_server.uri)
     for run_id in children["run_id"]:
         assert sorted(m.step for m in client.get_metric_history(run_id, "test_loss")) == list(range(0, 61, 10))
-    # weight_norm_divergence = final weight_norm / sgd's at the same gain and seed (recomputed here)
+    # no full counterpart of sqrt_ngd_d in the smoke grid, and no trial converges in 60 steps: no ratio
+    assert "metrics.norm_excess_vs_full" not in children or children["metrics.norm_excess_vs_full"].isna().all()
+    assert (children["metrics.converged"] == 0).all()
     c = children.assign(gain=children["params.trainer.gain"].astype(float), seed=children["params.seed"])
-    ref = c[c["tags.optimizer"] == "sgd"].set_index(["gain", "seed"])["metrics.weight_norm"]
-    expected = [w / ref[(g, s)] for w, g, s in zip(c["metrics.weight_norm"], c["gain"], c["seed"])]
-    np.testing.assert_allclose(c["metrics.weight_norm_divergence"], expected, rtol=1e-9)
     # report artifacts on the parent, and the summary table agrees with the runs
     names = {a.path for a in client.list_artifacts(parent_id, "report")}
-    assert names >= {"report/summary.csv", "report/learning_curves.png", "report/drift_and_weight_norm.png",
+    assert names >= {"report/summary.csv", "report/learning_curves.png", "report/drift_and_norm_excess.png",
                      "report/modes.png"}
     local = client.download_artifacts(parent_id, "report/summary.csv", str(tmp_path))
     summary = pd.read_csv(local)

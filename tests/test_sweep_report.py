@@ -31,6 +31,7 @@ def _trials(seeds=(0, 1, 2)) -> pd.DataFrame:
                              "final_test_loss": 2.302585 if v in ("sgd", "ngd_d") and g < 1 else rng.uniform(0.2, 0.4),
                              "early_stop_test_loss": rng.uniform(0.1, 0.3), "early_stop_step": float(rng.integers(10, 100)),
                              "test_accuracy": rng.uniform(0.8, 0.95), "weight_norm": rng.uniform(1, 3),
+                             "norm_excess": rng.uniform(1, 3),
                              "max_conservation_drift": rng.uniform(1e-6, 1e-4)})
     return pd.DataFrame(rows)
 
@@ -58,7 +59,7 @@ def test_numbers_keep_their_precision():
 
 
 def test_summary_tables_fit_80_columns_and_match_numpy():
-    df = report.add_divergence(_trials(), "sgd")
+    df = report.add_block_ratio(_trials())
     summary = report.summarize(df)
     tables, notes = report.summary_tables(summary)
     text = _render(tables, notes)
@@ -75,14 +76,15 @@ def test_summary_tables_fit_80_columns_and_match_numpy():
     assert cell in row
     # diverged seeds are marked and explained
     assert "†" in text and "sgd at gain 1e-6 (1/3)" in text
-    # norm/ref = weight norm / sgd's at the same gain and seed
-    r = df[(df["variant"] == "ngd_d") & (df["gain"] == 1.0) & (df["seed"] == 2)].iloc[0]
-    base = df[(df["variant"] == "sgd") & (df["gain"] == 1.0) & (df["seed"] == 2)].iloc[0]
-    assert r["weight_norm_divergence"] == pytest.approx(r["weight_norm"] / base["weight_norm"], rel=1e-12)
+    # blk/full = a block rule's norm excess / its full counterpart's at the same gain and seed
+    r = df[(df["variant"] == "sqrt_ngd_d") & (df["gain"] == 1.0) & (df["seed"] == 2)].iloc[0]
+    base = df[(df["variant"] == "sqrt_ngd") & (df["gain"] == 1.0) & (df["seed"] == 2)].iloc[0]
+    assert r["norm_excess_vs_full"] == pytest.approx(r["norm_excess"] / base["norm_excess"], rel=1e-12)
+    assert df[df["variant"] == "ngd_d"]["norm_excess_vs_full"].isna().all()   # no full NGD in this grid
 
 
 def test_markdown_and_parent_metrics_carry_the_headline():
-    summary = report.summarize(report.add_divergence(_trials(), "sgd"))
+    summary = report.summarize(report.add_block_ratio(_trials()))
     md = report.summary_markdown(summary, "mnist_gain (sweep x)")
     assert "| variant | gain 1 | gain 1e-2 | gain 1e-4 | gain 1e-6 |" in md
     row = next(line for line in md.splitlines() if line.startswith("| sgd | "))
