@@ -35,6 +35,9 @@ def test_mnist_gain_grid_zips_damping_with_gain_for_ngd_d_only():
     damping = {(t.optimizer, t.gain): t.config["optimizer"]["damping"] for t in trials}
     assert {g: damping["ngd_d", g] for g in (1.0, 1e-2, 1e-4, 1e-6)} == {1.0: 1e-3, 1e-2: 1e-3, 1e-4: 1e-6, 1e-6: 1e-7}
     assert all(damping[o, g] == 0.0 for o in ("sgd", "sqrt_ngd_d", "sqrt_ngd") for g in (1.0, 1e-2, 1e-4, 1e-6))
+    lr = {(t.optimizer, t.gain): t.config["optimizer"]["lr"] for t in trials}   # S.I.3: NGD-d's lr scales too
+    assert {g: lr["ngd_d", g] for g in (1.0, 1e-2, 1e-4, 1e-6)} == {1.0: 0.03, 1e-2: 0.03, 1e-4: 3e-5, 1e-6: 3e-6}
+    assert {lr["sqrt_ngd_d", g] for g in (1.0, 1e-2, 1e-4, 1e-6)} == {0.1}     # sqrtNGD-d: one lr
     by_name = {t.optimizer: t.config["optimizer"] for t in trials}
     assert (by_name["sqrt_ngd"]["q"], by_name["sqrt_ngd"]["structure"]) == (2.0, "full")
     assert (by_name["ngd_d"]["q"], by_name["ngd_d"]["structure"]) == (1.0, "block")
