@@ -99,7 +99,7 @@ def test_records_contract_determinism_and_epochs():
     assert s["status"] == "finished" and s["step"] == 4  # ceil(0.5 * 512 / 64)
     assert [r["step"] for r in recs[:-1]] == [0, 2, 4]
     names = {"train_loss", "test_loss", "test_accuracy", "weight_norm", "conservation_drift", "update_norm",
-             "clipped_updates"} | {f"weight_norm.l{i}" for i in range(1, 5)} | {
+             "clipped_updates", "norm_excess"} | {f"weight_norm.l{i}" for i in range(1, 5)} | {
              f"conservation_drift.l{i}" for i in range(1, 4)}
     assert set(recs[-2]["metrics"]) == names
     assert 0 < s["metrics"]["clipped_updates"] <= 4 and recs[-2]["metrics"]["update_norm"] <= 0.05 + 1e-6
