@@ -142,7 +142,7 @@ def _headline(metrics: dict | None) -> str:
     for key, (label, _what) in METRICS.items():
         v = metrics.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return f", {label} {v:.4g}"
+            return f", {label} {v:#.4g}"
     return ""
 
 

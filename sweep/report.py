@@ -460,8 +460,14 @@ def plot_curves(df, h, path: Path, title: str) -> bool:
                                color=style[v]["color"], edgecolor="black", linewidth=0.6, zorder=20)
             _axes_scale(ax, x_log, seen if key != "test_accuracy" else [])
             for i, grp in enumerate(_overlaps(curves)):
-                ax.text(0.98, 0.96 - 0.085 * i, "overlap: " + ", ".join(grp), transform=ax.transAxes, fontsize=7,
-                        ha="right", va="top", color="0.2", bbox=dict(facecolor="white", alpha=0.75, lw=0, pad=1))
+                # the note goes to the half of the panel away from the curves it names
+                ax.autoscale_view()
+                last = curves[grp[0]]
+                y = ax.transAxes.inverted().transform(ax.transData.transform((last.index[-1], last.values[-1])))[1]
+                top = y < 0.5
+                ax.text(0.02, (0.95 - 0.085 * i) if top else (0.05 + 0.085 * i), "overlap: " + ", ".join(grp),
+                        transform=ax.transAxes, fontsize=7, ha="left", va="top" if top else "bottom", color="0.2",
+                        bbox=dict(facecolor="white", alpha=0.75, lw=0, pad=1))
             if r == 0:
                 ax.set_title(f"gain {fmt_gain(gain)}")
             if r == len(rows) - 1:
