@@ -1,9 +1,10 @@
 """The Compose cluster's files obey the security rules of issue 5, and Compose itself accepts them.
 
-No Docker engine exists on these machines, so the files are checked two ways: parsed here (the rules
-below), and validated by Debian's `docker-compose config -q` (installed by .ci/run; its absence is a
-failure in CI and a skip elsewhere). Each rule is checked on what Compose would actually run: the
-files merged the way `docker compose -f compose.yaml -f compose.cpu.yaml` merges them.
+Fast checks of the files, without an engine: parsed here (the rules below), and validated by Debian's
+`docker-compose config -q` (installed by .ci/run; its absence is a failure in CI and a skip elsewhere).
+Each rule is checked on what Compose would actually run: the files merged the way
+`docker compose -f compose.yaml -f compose.cpu.yaml` merges them. tests/test_docker_stack.py builds
+and runs the stack on a real engine.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ DOCKER = ROOT / "docker"
 BASE = DOCKER / "compose.yaml"
 CPU = DOCKER / "compose.cpu.yaml"
 AUTH = DOCKER / "compose.auth.yaml"
+OFFLINE = DOCKER / "compose.offline.yaml"
 AUTH_INI = DOCKER / "mlflow-basic-auth.ini"
 ENV_EXAMPLE = DOCKER / ".env.example"
 DOCKERFILE = DOCKER / "Dockerfile"
@@ -29,7 +31,7 @@ GCS_PORT = 6379
 POSTGRES_PORT = 5432
 SECRETS = ("RAY_AUTH_TOKEN", "POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 # Values that stand in for the secrets when Compose validates the files (never real ones).
-DUMMY_ENV = {name: f"dummy-{name.lower()}-for-validation" for name in SECRETS}
+DUMMY_ENV = {name: f"dummy-{name.lower()}-for-validation" for name in SECRETS} | {"BASE_IMAGE": "local/debian:bookworm"}
 # Keys whose value an override replaces instead of extending (Compose's merge rules).
 REPLACED = ("command", "entrypoint", "test")
 
@@ -58,7 +60,7 @@ def services(*paths: Path) -> dict:
     return config["services"]
 
 
-STACKS = {"gpu": (BASE,), "cpu": (BASE, CPU), "auth": (BASE, AUTH)}
+STACKS = {"gpu": (BASE,), "cpu": (BASE, CPU), "auth": (BASE, AUTH), "offline": (BASE, CPU, OFFLINE)}
 
 
 def active(svcs: dict, profiles=()) -> dict:
@@ -168,9 +170,51 @@ def test_cpu_override_parks_the_gpu_worker_and_adds_a_cpu_one():
     assert bytes_of(worker["shm_size"]) >= 2**30
     for name, svc in started.items():
         assert "deploy" not in svc or "devices" not in str(svc["deploy"]), f"{name} still asks for a GPU"
-    assert cpu["ray-worker-cpu"]["build"]["args"]["TORCH_INDEX_URL"].endswith("/whl/cpu")
+    # The CPU wheel by name, so a missing CPU index fails the build instead of taking the CUDA build;
+    # PyTorch's CPU index unless TORCH_INDEX_URL is set (empty: docker/local/wheels/, then PyPI).
+    for name in ("ray-head", "sweep", "ray-worker-cpu"):
+        args = cpu[name]["build"]["args"]
+        assert args["TORCH_SPEC"] == "torch==2.13.0+cpu", name
+        assert args["TORCH_INDEX_URL"] == "${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}", name
     # The GPU stack starts the GPU worker and not the CPU one.
     assert set(active(services(BASE))) == {"postgres", "mlflow", "ray-head", "ray-worker"}
+
+
+def test_every_image_builds_from_base_image_and_offline_builds_postgres_too():
+    """One BASE_IMAGE (docker/.env) for every image built; the usual upstream images by default."""
+    default = "${BASE_IMAGE:-python:3.11-slim-bookworm}"
+    assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in DOCKERFILE.read_text().splitlines()
+    for stack in ("gpu", "cpu", "auth"):
+        svcs = services(*STACKS[stack])
+        assert svcs["postgres"]["image"] == "postgres:16-bookworm" and "build" not in svcs["postgres"]
+        for name, svc in svcs.items():
+            if "build" in svc:
+                assert svc["build"]["args"]["BASE_IMAGE"] == default, (stack, name)
+    offline = services(*STACKS["offline"])["postgres"]
+    assert offline["build"]["dockerfile"] == "docker/postgres.Dockerfile"
+    assert offline["image"].startswith("curvature-sweep-postgres:")
+    assert offline["build"]["args"]["BASE_IMAGE"].startswith("${BASE_IMAGE:?set BASE_IMAGE in docker/.env")
+    # The offline PostgreSQL keeps the official image's contract that compose.yaml relies on.
+    entry = (DOCKER / "postgres-entrypoint.sh").read_text()
+    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "PGDATA"):
+        assert name in entry, name
+    assert "scram-sha-256" in entry and "listen_addresses = '*'" in entry
+    assert "!docker/postgres-entrypoint.sh" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_local_build_inputs_are_never_committed():
+    """docker/local/ca and docker/local/wheels (CA certificates, wheels) reach the build, never git."""
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert "!docker/local/ca" in ignore and "!docker/local/wheels" in ignore
+    text = DOCKERFILE.read_text()
+    assert "COPY docker/local/ca/ /usr/local/share/ca-certificates/" in text and "update-ca-certificates" in text
+    assert "PIP_CERT=/etc/ssl/certs/ca-certificates.crt" in text
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        for path in ("docker/local/ca/proxy.crt", "docker/local/wheels/torch-2.13.0+cpu-cp311-cp311-x.whl"):
+            assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path
+        tracked = subprocess.run(["git", "ls-files", "docker/local"], cwd=ROOT, capture_output=True, text=True)
+        assert set(tracked.stdout.split()) <= {"docker/local/README.md", "docker/local/ca/.gitkeep",
+                                               "docker/local/wheels/.gitkeep"}, tracked.stdout
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -230,7 +274,7 @@ def test_no_secret_is_committed():
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#"))
     for name in SECRETS:
         assert example[name] == "", f"{ENV_EXAMPLE.name} must leave {name} empty"
-    text = "\n".join(p.read_text() for p in (BASE, CPU, AUTH, DOCKERFILE))
+    text = "\n".join(p.read_text() for p in (BASE, CPU, AUTH, OFFLINE, DOCKERFILE))
     for name in SECRETS:
         # Every assignment of a secret is an interpolation from docker/.env, never a value.
         for value in re.findall(rf"(?<![{{\w]){name}:\s*(\S+)", text):
@@ -243,19 +287,34 @@ def test_no_secret_is_committed():
         assert ignored.returncode == 0, "docker/.env must be git-ignored"
 
 
+def stage(lines: list[str], name: str) -> list[str]:
+    """The instructions of one build stage of the Dockerfile."""
+    start = next(i for i, ln in enumerate(lines) if re.fullmatch(rf"FROM \S+ AS {name}", ln))
+    end = next((i for i, ln in enumerate(lines) if i > start and ln.startswith("FROM ")), len(lines))
+    return lines[start:end]
+
+
 def test_dockerfile_installs_dependencies_before_sources_and_bakes_mnist():
     lines = [ln.strip() for ln in DOCKERFILE.read_text().splitlines()]
-    app = lines[next(i for i, ln in enumerate(lines) if ln.startswith("FROM python AS app")):]
+    torch, app = stage(lines, "torch"), stage(lines, "app")
+    assert torch[0] == "FROM base AS torch" and app[0] == "FROM base AS app"
+    assert any(ln.startswith('RUN pip install -q --find-links /tmp/wheels ${TORCH_INDEX_URL') for ln in torch)
     first = lambda prefix: next(i for i, ln in enumerate(app) if ln.startswith(prefix))  # noqa: E731
-    torch_i, deps_i = first('RUN pip install ${TORCH_INDEX_URL'), first("RUN pip install -r /tmp/requirements.txt")
+    torch_i, deps_i = first("COPY --from=torch /opt/venv /opt/venv"), first("RUN pip install -q -r /tmp/requirements.txt")
     bake_i, src_i = first("COPY trainers/data.py"), first("COPY sweep/")
     assert torch_i < deps_i < bake_i < src_i, "cache order: torch, dependencies, MNIST, sources"
     assert all(not ln.startswith("COPY") for ln in app[:torch_i]), "nothing copied before torch"
     assert app[deps_i - 1] == "COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt"
+    # The wheels folder reaches only the torch stage: a wheel file never becomes a layer of the image.
+    assert not any("docker/local/wheels" in ln for ln in app)
     # The torch pin matches the one `make` installs.
     make_pin = re.search(r"^TORCH_SPEC \?= (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    assert f"ARG TORCH_SPEC={make_pin}" in app
+    assert f"ARG TORCH_SPEC={make_pin}" in torch
     assert "USER app" in app
+    # PEP 668: installs go into the venv, which is on the PATH of every image built on `base`.
+    base = stage(lines, "base")
+    assert base[0] == "FROM ${BASE_IMAGE} AS base" and any("python3 -m venv /opt/venv" in ln for ln in base)
+    assert any(ln.startswith("ENV PATH=/opt/venv/bin:$PATH") for ln in base)
     ignore = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and not ln.startswith("#")]
     assert ignore[0] == "*" and {"!pyproject.toml", "!sweep", "!trainers", "!conf"} <= set(ignore)
 
@@ -290,7 +349,7 @@ def compose(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 def clean_env(**extra) -> dict:
     # A developer's own docker/.env or shell secrets must not leak in: callers pass --env-file .env.example.
-    env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("COMPOSE_")}
+    env = {k: v for k, v in os.environ.items() if k not in DUMMY_ENV and not k.startswith("COMPOSE_")}
     return env | extra
 
 
@@ -305,13 +364,13 @@ def test_docker_compose_config_validates(stack):
     for name, svc in resolved.items():
         for port in svc.get("ports", []):
             assert published(port)[0] == "127.0.0.1", (name, port)
-    assert ("gpu" in resolved["ray-worker"].get("profiles", [])) == (stack == "cpu")
+    assert ("gpu" in resolved["ray-worker"].get("profiles", [])) == (stack in ("cpu", "offline"))
     assert resolved["ray-head"]["environment"]["RAY_AUTH_TOKEN"] == DUMMY_ENV["RAY_AUTH_TOKEN"]
 
 
 @pytest.mark.parametrize("stack,missing", [("gpu", "RAY_AUTH_TOKEN"), ("gpu", "POSTGRES_PASSWORD"),
                                            ("cpu", "RAY_AUTH_TOKEN"), ("auth", "MLFLOW_ADMIN_PASSWORD"),
-                                           ("auth", "MLFLOW_FLASK_SERVER_SECRET_KEY")])
+                                           ("auth", "MLFLOW_FLASK_SERVER_SECRET_KEY"), ("offline", "BASE_IMAGE")])
 def test_a_missing_secret_stops_compose_with_a_message_naming_it(stack, missing):
     env = clean_env(**{k: v for k, v in DUMMY_ENV.items() if k != missing})
     files = [a for p in STACKS[stack] for a in ("-f", str(p.relative_to(ROOT)))]
