@@ -25,6 +25,10 @@ if ((${#need[@]})); then
 fi
 
 if ! docker info >/dev/null 2>&1; then
+    # A dockerd killed with its machine's last session leaves a pid file that stops a new one starting.
+    if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+        rm -f /var/run/docker.pid
+    fi
     say "starting dockerd (log: $DOCKERD_LOG)"
     nohup dockerd >"$DOCKERD_LOG" 2>&1 </dev/null &
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done

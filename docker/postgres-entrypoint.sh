@@ -16,9 +16,12 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     echo "listen_addresses = '*'" >> "$PGDATA/postgresql.conf"
     echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
     if [ "$POSTGRES_DB" != "postgres" ]; then
-        pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
-        createdb -U "$POSTGRES_USER" "$POSTGRES_DB"
+        # A private socket and no TCP: the healthcheck (pg_isready) cannot see this temporary server.
+        init=$(mktemp -d)
+        pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k $init" -w start >/dev/null
+        createdb -h "$init" -U "$POSTGRES_USER" "$POSTGRES_DB"
         pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
+        rmdir "$init"
     fi
     echo "postgres: cluster created in $PGDATA (user $POSTGRES_USER, database $POSTGRES_DB)"
 fi
