@@ -334,12 +334,14 @@ def assert_one_finished_run_per_point(s: Stack, experiment: str, points: int) ->
 
 
 def assert_no_metric_record_lost(s: Stack, experiment: str, points: int, steps: int, every: int) -> int:
-    """Count every metric record in PostgreSQL: each evaluated key at each evaluation step, once."""
+    """Count every metric record of the trials' runs in PostgreSQL: each evaluated key at each evaluation
+    step, once (the parent run's summary metrics are not trial records)."""
     rows = s.psql(f"""SELECT m.run_uuid, m.key, count(*), count(DISTINCT m.step), min(m.step), max(m.step)
                       FROM metrics m JOIN runs r ON r.run_uuid = m.run_uuid
                       JOIN experiments e ON e.experiment_id = r.experiment_id
-                      WHERE e.name = '{experiment}' AND r.lifecycle_stage = 'active'
-                        AND r.status = 'FINISHED' GROUP BY m.run_uuid, m.key""")
+                      WHERE e.name = '{experiment}' AND r.lifecycle_stage = 'active' AND r.status = 'FINISHED'
+                        AND EXISTS (SELECT 1 FROM tags p WHERE p.run_uuid = r.run_uuid AND p.key = 'mlflow.parentRunId')
+                      GROUP BY m.run_uuid, m.key""")
     got = {(run, key): tuple(map(int, rest)) for run, key, *rest in rows}
     runs = {run for run, _ in got}
     n_eval = len(evaluations(steps, every))
