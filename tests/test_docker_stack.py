@@ -47,7 +47,7 @@ WORKER = "ray-worker-cpu"
 SMOKE_POINTS = 8
 # A short slice of mnist_gain: 2 optimizers x its 4 gains x 1 seed, 20 steps.
 MNIST_SLICE = ["+experiment=mnist_gain", "sweep.axes.optimizer=[sgd,sqrt_ngd_d]", "sweep.seeds=[0]",
-               "trainer.steps=20", "trainer.eval_every=10"]
+               "trainer.steps=20", "trainer.eval_every=10", "trainer.log_eval=false"]
 MNIST_POINTS = 8
 # Longer smoke trials of one optimizer (2 gains x 4 seeds = 8), long enough to be caught mid-trial.
 SLOW_STEPS, SLOW_EVERY = 4000, 50
