@@ -171,6 +171,7 @@ class _Base:
         self.optimizer = self.plain["optimizer"]["name"]
         self._converted: dict[tuple, Any] = {}
         self._variants: list | None = None
+        self._scratch: DictConfig | None = None
 
     def variant_values(self, variants: DictConfig, opt: str) -> list[tuple[str, Any]]:
         if self._variants is None:
@@ -180,9 +181,10 @@ class _Base:
     def _convert(self, path: str, value: Any) -> Any:
         k = (path, json.dumps(value, sort_keys=True, default=repr))
         if k not in self._converted:
-            scratch = copy.deepcopy(self.composed)
-            _set(scratch, path, value)
-            node = OmegaConf.select(scratch, path)
+            if self._scratch is None:  # one copy to type-check values on; each set is read back at once
+                self._scratch = copy.deepcopy(self.composed)
+            _set(self._scratch, path, value)
+            node = OmegaConf.select(self._scratch, path)
             self._converted[k] = OmegaConf.to_container(node, resolve=True) \
                 if isinstance(node, (DictConfig, ListConfig)) else node
         return self._converted[k]
