@@ -102,11 +102,11 @@ def check_service(cfg) -> None:
     if cfg.cluster.address is None:
         check_local_resources(cfg)
     if cfg.tracking.uri is not None:
-        check_reachable(cfg.tracking.uri, "tracking.uri",
-                        "start the MLflow server or fix the address; omit tracking.uri for an embedded local store")
+        check_mlflow(cfg.tracking.uri, "tracking.uri",
+                     "start the MLflow server or fix the address; omit tracking.uri for an embedded local store")
     if cfg.cluster.address is not None:
-        check_reachable(cfg.cluster.address, "cluster.address",
-                        "start the Ray cluster or fix host:port; omit cluster.address for a local Ray")
+        check_ray(cfg.cluster.address, "cluster.address",
+                  "start the Ray cluster or fix host:port (its GCS port); omit cluster.address for a local Ray")
 
 
 def check_known_keys(cfg, schema_cls, prefix: str = "") -> None:
@@ -187,14 +187,69 @@ def check_trial_data(trial: dict) -> None:
                               str(e).split("Fix: ", 1)[-1]) from None
 
 
-def check_reachable(address: str, field: str, fix: str, timeout: float = 3.0) -> None:
+def check_reachable(address: str, field: str, fix: str, timeout: float = 3.0) -> socket.socket:
     """A quick TCP connect, so a wrong address fails in seconds and not after a long client retry."""
     host, port = parse_address(address, field)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        return socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise ConfigError(field, f"{address!r} is unreachable ({host}:{port}: {e.strerror or e})", fix) from None
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def check_ray(address: str, field: str, fix: str, timeout: float = 3.0) -> None:
+    """A Ray cluster's GCS (and Ray Client) speak gRPC: send the HTTP/2 preface, expect the server's
+    SETTINGS frame. A port that is open but is something else (a web server, Redis) fails in seconds,
+    where `ray.init` would wait on it indefinitely."""
+    if address.startswith("ray://"):
+        address = address[len("ray://"):]
+    with check_reachable(address, field, fix, timeout) as sock:
+        try:
+            sock.sendall(HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError as e:
+            head = b""
+            why = e.strerror or type(e).__name__
+        else:
+            why = "it closed the connection" if len(head) < 9 else f"it answered {head[:9]!r}"
+    if len(head) < 9 or head[3] != 0x04:
+        raise ConfigError(field, f"{address!r} is not a Ray cluster (no gRPC answer: {why})", fix)
+
+
+def check_mlflow(uri: str, field: str, fix: str, timeout: float = 3.0) -> None:
+    """An MLflow tracking server answers GET /health with OK and GET /version with its version.
+    Other schemes (file:, sqlite:, databricks) are the MLflow client's to judge."""
+    import urllib.error
+    import urllib.request
+    if not uri.startswith(("http://", "https://")):
+        parse_address(uri, field)
+        return
+    check_reachable(uri, field, fix, timeout).close()
+    base = uri.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
+            body = r.read(64)
+        ok = body.strip().startswith(b"OK")
+        if ok:
+            try:
+                with urllib.request.urlopen(f"{base}/version", timeout=timeout) as r:
+                    ok = bool(re.fullmatch(rb"\d+\.\d+[\w.+-]*", r.read(64).strip()))
+            except urllib.error.HTTPError as e:
+                ok = e.code in (401, 403)  # an authenticating MLflow: the client brings the credentials
+        why = "no MLflow /health and /version answer"
+    except urllib.error.HTTPError as e:
+        ok, why = False, f"GET /health answered HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        ok, why = False, f"GET /health failed: {getattr(e, 'reason', None) or e}"
+    if not ok:
+        raise ConfigError(field, f"{uri!r} is not an MLflow tracking server ({why})", fix)
 
 
 def parse_address(address: str, field: str) -> tuple[str, int]:
