@@ -47,6 +47,7 @@ class SweepProgress:
         self.cost: dict[str, list[float]] = {}    # variant -> this sweep's trial seconds
         self.prior = past_costs(past or {})       # variant -> earlier runs' trial seconds
         self.console, self.t_start = console, time.monotonic()
+        self.durable = None  # () -> count, set by the runner
         self.live = Live(console=console, refresh_per_second=4, transient=True, get_renderable=self._render) \
             if console.is_terminal else None
 
@@ -105,6 +106,8 @@ class SweepProgress:
             parts.append(f"retried {self.retried}")
         if self.skipped:
             parts.append(f"resumed {self.skipped}")
+        if self.durable is not None:  # finished trials whose records are on disk (journal): a kill loses none
+            parts.append(f"durable {self.durable()}")
         return " · ".join(parts)
 
     def _times(self) -> str:

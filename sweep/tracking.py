@@ -37,6 +37,9 @@ class RunHandle:
     run_id: str | None = None
     deleted: bool = False
     metrics_logged: int = 0
+    key: str | None = None      # trial key and attempt: what the journal records it under
+    attempt: int = 1
+    lost: bool = False          # a record of it was given up on: it must not end FINISHED
 
 
 @dataclass
@@ -45,6 +48,7 @@ class _Op:
     fn: Callable[[], Any]
     handle: RunHandle | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    seq: int = 0  # journal records up to this one must be on disk before it is sent
 
 
 class Tracker:
@@ -58,6 +62,9 @@ class Tracker:
         self.retry_s = retry_s
         self.errors: list[str] = []
         self.outage_s = 0.0
+        self.journal = None     # sweep.journal.Journal: records are appended there before they are sent
+        self.dead: str | None = None  # why the tracker stopped sending (outage past retry_s, full disk)
+        self.acknowledged = 0   # trial ends the server has acknowledged
         self._q: queue.Queue[_Op | None] = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
         self._thread.start()
@@ -73,7 +80,7 @@ class Tracker:
                 return fn()
             except Exception as e:  # noqa: BLE001 - any failure of the tracking server is retried
                 waited = time.monotonic() - start
-                if waited > self.retry_s or _is_client_error(e):
+                if waited > self.retry_s or _is_client_error(e) or _is_disk_full(e) or self.dead:
                     raise
                 log.warning("tracking call %s failed (%s); retrying in %.1fs", what, _short(e), delay)
                 time.sleep(delay)
@@ -81,8 +88,11 @@ class Tracker:
                 delay = min(delay * 2, 5.0)
 
     # ---- queued calls, in order
-    def _put(self, name: str, fn: Callable[[], Any], handle: RunHandle | None = None) -> _Op:
+    def _put(self, name: str, fn: Callable[[], Any], handle: RunHandle | None = None,
+             record: dict | None = None) -> _Op:
         op = _Op(name, fn, handle)
+        if record is not None and self.journal is not None and handle is not None and handle.key:
+            op.seq = self.journal.append({**record, "key": handle.key, "attempt": handle.attempt})
         self._q.put(op)
         return op
 
@@ -92,12 +102,20 @@ class Tracker:
             if op is None:
                 return
             try:
+                if op.seq and self.journal is not None and self.dead is None:
+                    self.journal.sync(op.seq)  # one fsync for everything appended so far
+                if self.dead is not None:
+                    continue  # stopped: the journal holds what was not sent; the next run replays it
                 if op.handle is None or not op.handle.deleted or op.name == "delete":
                     self._retry(op.fn, op.name)
             except Exception as e:  # noqa: BLE001
                 msg = f"{op.name}: {_short(e)}"
                 log.error("tracking gave up on %s", msg)
                 self.errors.append(msg)
+                if op.handle is not None:
+                    op.handle.lost = True
+                if not _is_client_error(e):  # the server (or the disk) is gone for longer than retry_s
+                    self.dead = msg
             finally:
                 op.done.set()
 
@@ -112,6 +130,8 @@ class Tracker:
         self.flush(timeout)
         self._q.put(None)
         self._thread.join(timeout=5)
+        if self.journal is not None:
+            self.journal.close()
 
     # ---- experiment and runs
     def experiment_id(self, name: str) -> str:
@@ -178,7 +198,7 @@ class Tracker:
 
     def start_child(self, experiment_id: str, parent_id: str, run_name: str, tags: dict,
                     params: dict) -> RunHandle:
-        handle = RunHandle()
+        handle = RunHandle(key=tags.get("trial.key"), attempt=int(tags.get("attempt", 1)))
 
         def create():
             run = self.client.create_run(experiment_id, tags={**self.default_tags, PARENT_TAG: parent_id, **tags},
@@ -188,7 +208,7 @@ class Tracker:
             for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
                 self._retry(lambda: self.client.log_batch(handle.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH]),
                             "log_params")
-        self._put("create_run", create, handle)
+        self._put("create_run", create, handle, {"op": "start", "name": run_name, "tags": tags, "params": params})
         return handle
 
     def log_metrics(self, handle: RunHandle, metrics: Iterable[tuple[str, float, int]]) -> None:
@@ -201,19 +221,51 @@ class Tracker:
             def send(chunk=chunk):
                 self.client.log_batch(handle.run_id, metrics=chunk)
                 handle.metrics_logged += len(chunk)
-            self._put("log_metrics", send, handle)
+            self._put("log_metrics", send, handle,
+                      {"op": "metrics", "m": [[m.key, m.value, m.step] for m in chunk]})
 
     def set_tags(self, handle: RunHandle, tags: dict) -> None:
         self._put("set_tags", lambda: self.client.log_batch(
-            handle.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), handle)
+            handle.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), handle,
+            {"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def end(self, handle: RunHandle, status: str) -> None:
-        self._put("end_run", lambda: self.client.set_terminated(handle.run_id, status), handle)
+        """FINISHED only when every earlier record of the run was acknowledged (the queue is ordered);
+        a run with a lost record ends FAILED, so a resume reruns it."""
+        def send():
+            if handle.lost and status == "FINISHED":
+                self.client.set_tag(handle.run_id, "tracking.lost", "true")
+                self.client.set_terminated(handle.run_id, "FAILED")
+                return
+            self.client.set_terminated(handle.run_id, status)
+            if status == "FINISHED":
+                self.acknowledged += 1
+        self._put("end_run", send, handle, {"op": "end", "status": status})
 
     def delete(self, handle: RunHandle) -> None:
         """Soft-delete a run (a dead attempt): queued ops for it are skipped from now on."""
         handle.deleted = True
-        self._put("delete", lambda: handle.run_id and self.client.delete_run(handle.run_id), handle)
+        self._put("delete", lambda: handle.run_id and self.client.delete_run(handle.run_id), handle, {"op": "delete"})
+
+    def replay(self, experiment_id: str, parent_id: str, records: list[dict]) -> RunHandle:
+        """A finished attempt from the journal, sent again (its records are already on disk)."""
+        journal, self.journal = self.journal, None
+        try:
+            handle = None
+            for r in records:
+                if r["op"] == "start":
+                    handle = self.start_child(experiment_id, parent_id, r["name"], r["tags"], r["params"])
+                elif handle is None:
+                    continue
+                elif r["op"] == "metrics":
+                    self.log_metrics(handle, [tuple(m) for m in r["m"]])
+                elif r["op"] == "tags":
+                    self.set_tags(handle, r["tags"])
+                elif r["op"] == "end":
+                    self.end(handle, r["status"])
+            return handle
+        finally:
+            self.journal = journal
 
 
 def _is_client_error(e: Exception) -> bool:
@@ -221,6 +273,12 @@ def _is_client_error(e: Exception) -> bool:
     code = getattr(e, "error_code", "")
     return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
                     "BAD_REQUEST", "INVALID_STATE")
+
+
+def _is_disk_full(e: Exception) -> bool:
+    """The server's store (or our journal) is on a full filesystem: waiting will not help."""
+    text = str(e).lower()
+    return "no space left" in text or "disk is full" in text or "database or disk is full" in text
 
 
 def _short(e: Exception) -> str:
