@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import RayActorError, RayError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Callbacks:
     retry: Callable[[Job, str], None]            # the worker died; this attempt is abandoned
     give_up: Callable[[Job, str], None]          # the worker died and no retries are left
     tick: Callable[[int], None] = lambda running: None  # called about twice a second
+    warn: Callable[[str], None] = lambda message: None  # something the user should see (a dropped worker)
 
 
 class WorkerPool:
@@ -111,31 +112,29 @@ class WorkerPool:
         queue = [Job(t) for t in trials]
         cost: dict = {}  # variant -> seconds of its finished trials
         started: set = set()
-        idle = list(self.workers)
+        idle: list = []
         infos: dict = {}
         running: dict = {}  # stream -> Job
+        self.running = running  # what is in flight (the runner marks these KILLED on an interrupt)
+        # every worker is asked where it runs at once; trials start on those placed, while the others
+        # get WORKER_START_TIMEOUT_S to be placed (in parallel) before the pool shrinks without them
+        placing = {w.info.remote(): (w, time.monotonic() + WORKER_START_TIMEOUT_S) for w in self.workers}
         while queue or running:
+            self._place(placing, idle, infos, cb, wait_s=0.5 if queue and not running and not idle else 0.0)
+            if not self.workers and queue:
+                raise RuntimeError(
+                    f"no Ray worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s "
+                    f"(each needs {self.options['num_cpus']} CPU, {self.options['num_gpus']} GPU). "
+                    "Fix: add nodes to the cluster or lower resources.cpu / resources.gpu")
             while idle and queue:
                 job, worker = self._pick(queue, cost, started), idle.pop()
                 job.worker = worker
-                key = id(worker)
-                if key not in infos:
-                    info = self._info(worker)
-                    if info is None:  # never placed: the cluster lost capacity for good; shrink the pool
-                        self._drop(worker)
-                        queue.insert(0, job)
-                        if not self.workers:
-                            raise RuntimeError(
-                                f"no Ray worker could be placed within {WORKER_START_TIMEOUT_S:.0f} s "
-                                f"(each needs {self.options['num_cpus']} CPU, {self.options['num_gpus']} GPU). "
-                                "Fix: add nodes to the cluster or lower resources.cpu / resources.gpu")
-                        continue
-                    infos[key] = info
-                job.info = infos[key]
+                job.info = infos.get(id(worker), {})
                 job.state = cb.start(job)
                 job.stream = worker.run.remote(job.trial.config)
                 running[job.stream] = job
             if not running:
+                cb.tick(0)
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for stream in ready:
@@ -149,7 +148,7 @@ class WorkerPool:
                     self.replaced += 1
                     replacement = self._new_worker()
                     self.workers = [replacement if w is job.worker else w for w in self.workers]
-                    idle.append(replacement)
+                    placing[replacement.info.remote()] = (replacement, time.monotonic() + WORKER_START_TIMEOUT_S)
                     reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
                     if job.attempt <= self.max_retries:
                         cb.retry(job, reason)
@@ -169,17 +168,30 @@ class WorkerPool:
                     idle.append(job.worker)
             cb.tick(len(running))
 
-    def _info(self, worker) -> dict | None:
-        """Node id and GPU ids of a worker (tags on its trials); waits for it to start. None when it
-        could not be placed in time (e.g. its node died and no other node has room for it)."""
-        try:
-            return ray.get(worker.info.remote(), timeout=WORKER_START_TIMEOUT_S)
-        except GetTimeoutError:
-            log.warning("worker not placed within %.0f s: dropping it from the pool", WORKER_START_TIMEOUT_S)
-            return None
-        except RayError as e:  # died while starting: its first trial will see RayActorError and retry
-            log.warning("worker info unavailable: %s", e)
-            return {}
+    def _place(self, placing: dict, idle: list, infos: dict, cb: Callbacks, wait_s: float) -> None:
+        """Move placed workers to `idle` (with their node and GPU ids, tags on their trials); drop the ones
+        still unplaced at their deadline (e.g. more workers than fit, or a node lost for good), saying so."""
+        if not placing:
+            return
+        ready, _ = ray.wait(list(placing), num_returns=len(placing), timeout=wait_s)
+        for ref in ready:
+            worker, _deadline = placing.pop(ref)
+            try:
+                infos[id(worker)] = ray.get(ref)
+            except RayError as e:  # died while starting: its first trial sees RayActorError and retries
+                log.warning("worker info unavailable: %s", e)
+                infos[id(worker)] = {}
+            idle.append(worker)
+        now = time.monotonic()
+        for ref, (worker, deadline) in list(placing.items()):
+            if now >= deadline:
+                del placing[ref]
+                self._drop(worker)
+                message = (f"a Ray worker ({self.options['num_cpus']:g} CPU, {self.options['num_gpus']:g} GPU) "
+                           f"could not be placed within {WORKER_START_TIMEOUT_S:.0f} s and was dropped; "
+                           f"{len(self.workers)} workers remain")
+                log.warning(message)
+                cb.warn(message)
 
     def _drop(self, worker) -> None:
         self.workers = [w for w in self.workers if w is not worker]

@@ -23,20 +23,24 @@ def _trial(seed: int) -> SimpleNamespace:
     return SimpleNamespace(variant="sgd", config=config)
 
 
-def _scenario(n_workers: int, cpu: float, n_trials: int) -> dict:
+def _scenario(n_workers: int, cpu: float, n_trials: int, timeout_s: float) -> dict:
     """Runs in the child process: a 1-CPU local Ray, a pool of `n_workers` asking `cpu` each."""
     import ray
 
     from services import fresh_ray_temp_dir
     from sweep import scheduler
-    scheduler.WORKER_START_TIMEOUT_S = 3.0
+    import time
+    scheduler.WORKER_START_TIMEOUT_S = timeout_s
     ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=fresh_ray_temp_dir(),
              log_to_driver=False)
-    finished, statuses, retries = [], [], []
+    finished, statuses, retries, warnings, ended_at = [], [], [], [], []
+    t0 = time.monotonic()
     callbacks = scheduler.Callbacks(
         start=lambda job: None,
         records=lambda job, records: statuses.extend(r["status"] for r in records if r["kind"] == "summary"),
-        finish=lambda job, item: finished.append([job.trial.config["seed"], item["error"]]),
+        finish=lambda job, item: (finished.append([job.trial.config["seed"], item["error"]]),
+                                  ended_at.append(time.monotonic() - t0)),
+        warn=lambda message: warnings.append([time.monotonic() - t0, message]),
         retry=lambda job, reason: retries.append(reason), give_up=lambda job, reason: retries.append(reason))
     pool = scheduler.WorkerPool(n_workers=n_workers, cpu=cpu, gpu=0, max_retries=0)
     try:
@@ -48,7 +52,7 @@ def _scenario(n_workers: int, cpu: float, n_trials: int) -> dict:
         pool.shutdown()
         ray.shutdown()
     return {"finished": sorted(finished), "statuses": statuses, "retries": retries, "error": error,
-            "workers_left": len(pool.workers)}
+            "workers_left": len(pool.workers), "warnings": warnings, "ended_at": ended_at}
 
 
 def _run(*args) -> dict:
@@ -62,20 +66,24 @@ def _run(*args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_unplaceable_worker_is_dropped_and_every_trial_still_runs():
-    out = _run(2, 1, 3)  # two workers of 1 CPU on a 1-CPU cluster: one can never be placed
+def test_trials_run_on_the_placed_worker_while_another_waits_to_be_placed():
+    # two workers of 1 CPU on a 1-CPU cluster: one can never be placed. The trials run on the placed one
+    # while the other is still waited for (in parallel, not before): all end before its 60 s are up.
+    out = _run(2, 1, 3, 60)
     assert out["error"] is None
     assert out["finished"] == [[0, None], [1, None], [2, None]]
     assert out["statuses"] == ["finished"] * 3
     assert out["retries"] == []
-    assert out["workers_left"] == 1
+    assert max(out["ended_at"]) < 60 and out["warnings"] == [], out
 
 
 def test_no_placeable_worker_at_all_fails_with_the_fix():
-    out = _run(1, 2, 1)  # the only worker needs 2 CPUs, the cluster has 1
+    out = _run(1, 2, 1, 3)  # the only worker needs 2 CPUs, the cluster has 1: dropped after 3 s, said so
     assert out["finished"] == []
+    assert len(out["warnings"]) == 1 and "could not be placed within 3 s" in out["warnings"][0][1], out
+    assert out["warnings"][0][0] >= 3
     assert "no Ray worker could be placed" in out["error"] and "resources.cpu" in out["error"]
 
 
 if __name__ == "__main__":
-    print(json.dumps(_scenario(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))))
+    print(json.dumps(_scenario(int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))))
