@@ -1,14 +1,14 @@
 """Shared fixtures: one real `mlflow server` on loopback for the whole test session."""
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
 from services import start_mlflow
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# No RAY_* settings here: the sweep sets what its local Ray needs itself (sweep/services.py
+# prepare_ray_env), and tests/test_sweep_signals.py checks it in a plain user environment.
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,12 @@ PYTHON = sys.executable
 
 
 def sweep_env(**extra: str) -> dict:
-    """Environment for a sweep subprocess: loopback-only Ray, no usage stats, the repo importable."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+    """Environment for a sweep subprocess: the user's, with the repo importable and no usage stats. No
+    loopback setting: the sweep binds its local Ray to 127.0.0.1 itself (tests/test_sweep_signals.py)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), HYDRA_FULL_ERROR="0")
-    env.pop("RAY_ADDRESS", None)
+    for k in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+        env.pop(k, None)
     env.update(extra)
     return env
 

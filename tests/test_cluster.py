@@ -181,7 +181,7 @@ def sweep_cmd(cluster: RayCluster, tracking: Tracking, experiment: str, results:
 
 
 def env_for_sweep() -> dict:
-    return sweep_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)
+    return sweep_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
 
 
 def visible_children(uri: str, experiment: str):
