@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from services import sweep_env
+from services import free_port, sweep_env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = ["+experiment=smoke"]
@@ -161,3 +161,34 @@ def test_good_invocation_passes_the_same_checks(tmp_path):
     results = _batch([[*BASE, f"results_dir={tmp_path / 'r'}"], ["+experiment=mnist_gain"],
                       ["+experiment=teacher_student"], ["+experiment=fractional_q"]], tmp_path)
     assert [r["code"] for r in results] == [0, 0, 0, 0], results
+
+
+def test_wrong_services_fail_in_seconds_naming_the_field(tmp_path, mlflow_server):
+    """Open ports that are not what the field needs: a plain web server, a port that accepts and never
+    answers, and the MLflow server given as a Ray cluster. Protocol handshakes, not TCP connects."""
+    import socket
+    web_port, silent = free_port(), socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(web_port), "--bind", "127.0.0.1"],
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", web_port)) == 0, 30, what="the web server")
+        mute = f"127.0.0.1:{silent.getsockname()[1]}"
+        mlflow_hostport = mlflow_server.uri.split("//", 1)[1]
+        cases = [("cluster.address", f"127.0.0.1:{web_port}"), ("cluster.address", mute),
+                 ("cluster.address", mlflow_hostport), ("tracking.uri", f"http://127.0.0.1:{web_port}"),
+                 ("tracking.uri", f"http://{mute}")]
+        results = _batch([[*BASE, f"{field}={value}", f"results_dir={tmp_path / 'r'}"] for field, value in cases],
+                         tmp_path)
+    finally:
+        web.kill()
+        silent.close()
+    for (field, value), result in zip(cases, results):
+        assert result["code"] == 2, result
+        line = _one_line(result)
+        assert line.startswith(f"error: {field} ") and ("is not a Ray cluster" in line or
+                                                        "is not an MLflow tracking server" in line), line
+        assert result["seconds"] < 10, result
+    good = _batch([[*BASE, f"tracking.uri={mlflow_server.uri}", f"results_dir={tmp_path / 'r'}"]], tmp_path)
+    assert good[0]["code"] == 0, good
