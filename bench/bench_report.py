@@ -38,7 +38,7 @@ def phases(log: str) -> dict:
         m = re.search(pattern + r" after ([\d.]+)s", log)
         return float(m.group(1)) if m else None
     return {"ray_ready_s": at("ray ready"), "tracking_ready_s": at("tracking ready"),
-            "trials_done_s": at("trials done"), "report_done_s": at("report done")}
+            "trials_done_s": at("trials done"), "flushed_s": at("tracking flushed"), "report_done_s": at("report done")}
 
 
 def main() -> None:
@@ -90,6 +90,8 @@ def main() -> None:
     out = {"benchmark": "report_and_startup", "trials": len(run_ids), "command_wall_s": round(wall, 1),
            **{k: v for k, v in p.items()}, "trial_phase_s": round(p["trials_done_s"] - p["tracking_ready_s"], 1),
            "report_s": round(report_s, 1), "report_fraction": round(report_s / wall, 3), "target_fraction": 0.10,
+           "queued_writes_flush_s": round(p["flushed_s"] - p["trials_done_s"], 1) if p["flushed_s"] else None,
+           "report_after_flush_s": round(p["report_done_s"] - p["flushed_s"], 1) if p["flushed_s"] else None,
            "history_points": n_bulk, "history_read_per_call_s": round(per_call, 2),
            "history_read_bulk_s": round(bulk, 2), "bulk_speedup": round(per_call / bulk, 1),
            "same_points": n_bulk == n_per_call, "report_command_s": round(report_cmd, 1),

@@ -334,6 +334,7 @@ def run_sweep(cfg: DictConfig, trials: list[grid.Trial], console: Console, start
         tracker.flush(timeout=cfg.tracking.retry_s + 60)
         if tracker.dead:
             raise TrackingStopped(tracker.dead)
+        log.info("tracking flushed after %.1fs", time.monotonic() - started)  # the trials' queued writes
         sweep.dedupe()
         if cfg.report.enabled:
             from .report import report
