@@ -35,9 +35,10 @@ PG = dict(host="127.0.0.1", port=5432, user="postgres")
 N_WORKER_NODES = 3
 # The smoke grid (conf/experiment/smoke.yaml): 2 optimizers x 2 gains x 2 seeds.
 SMOKE_POINTS = 8
-# Longer trials of one optimizer, for the fault tests: long enough to be caught mid-trial.
+# Longer trials of one optimizer, for the fault tests: long enough to be caught mid-trial (converge_tol=null:
+# every trial runs all its steps, so the expected evaluations are known).
 SLOW = ["sweep.axes.optimizer=[sqrt_ngd_d]", "sweep.seeds=[0,1,2,3]", "trainer.steps=4000",
-        "trainer.eval_every=50"]
+        "trainer.eval_every=50", "trainer.converge_tol=null"]
 EVAL_KEYS = ("train_loss", "test_loss", "weight_norm", "conservation_drift", "update_norm")
 
 
@@ -333,7 +334,7 @@ def test_eight_trials_at_once_lose_no_metric(ray_cluster, tracking, tmp_path):
     proc, seconds = run_sweep(sweep_cmd(ray_cluster, tracking, "eight-at-once", tmp_path, "resources.cpu=0.25",
                                         "resources.workers=8", "sweep.axes.optimizer=[sqrt_ngd_d]",
                                         "sweep.seeds=[0,1,2,3]", f"trainer.steps={steps}",
-                                        f"trainer.eval_every={every}"),
+                                        f"trainer.eval_every={every}", "trainer.converge_tol=null"),
                               tmp_path, timeout=400, env=env_for_sweep())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     children = visible_children(tracking.uri, "eight-at-once")

@@ -52,7 +52,7 @@ MNIST_POINTS = 8
 # Longer smoke trials of one optimizer (2 gains x 4 seeds = 8), long enough to be caught mid-trial.
 SLOW_STEPS, SLOW_EVERY = 4000, 50
 SLOW = ["+experiment=smoke", "sweep.axes.optimizer=[sqrt_ngd_d]", "sweep.seeds=[0,1,2,3]",
-        f"trainer.steps={SLOW_STEPS}", f"trainer.eval_every={SLOW_EVERY}"]
+        f"trainer.steps={SLOW_STEPS}", f"trainer.eval_every={SLOW_EVERY}", "trainer.converge_tol=null"]
 EVAL_KEYS = ("train_loss", "test_loss", "weight_norm", "conservation_drift", "update_norm")
 ONCE_KEYS = ("final_test_loss", "early_stop_step", "max_conservation_drift")
 

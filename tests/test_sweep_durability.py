@@ -132,7 +132,7 @@ def small_filesystem(tmp_path):
 def test_full_disk_is_reported_as_such(small_filesystem, mlflow_server, tmp_path):
     """Results on a filesystem that fills mid-sweep: one clear message, exit 3, within seconds of filling,
     no 'Logging error' flood, nothing left running."""
-    args = ["+experiment=smoke", "trainer.steps=400", "trainer.eval_every=1", "report.enabled=false",
+    args = ["+experiment=smoke", "trainer.steps=400", "trainer.eval_every=1", "trainer.converge_tol=null", "report.enabled=false",
             f"tracking.uri={mlflow_server.uri}", "tracking.experiment=fulldisk", f"results_dir={small_filesystem}"]
     log = tmp_path / "out"
     proc = start_sweep(args, tmp_path, log=log)

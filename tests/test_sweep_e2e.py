@@ -22,7 +22,7 @@ from services import run_sweep, start_sweep, sweep_runs, wait_for
 
 SMOKE_POINTS = 8  # 2 optimizers x 2 gains x 2 seeds (conf/experiment/smoke.yaml)
 # Slow enough to interrupt: one optimizer, 2 gains x 2 seeds, seconds per trial.
-SLOW = ["sweep.axes.optimizer=[sqrt_ngd_d]", "trainer.steps=12000", "trainer.eval_every=200"]
+SLOW = ["sweep.axes.optimizer=[sqrt_ngd_d]", "trainer.steps=12000", "trainer.eval_every=200", "trainer.converge_tol=null"]
 
 
 def _args(server, experiment, tmp_path, *extra):
