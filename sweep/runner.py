@@ -207,7 +207,9 @@ def _number(v) -> bool:
 
 
 def _workers(cfg: DictConfig, n_trials: int, console: Console | None = None) -> int:
-    """Workers that fit the cluster now (resources.workers is a wish: more than fit are not started)."""
+    """Workers to start. On the embedded local Ray, only those that fit now (nothing will join it). On a
+    remote cluster all of resources.workers: nodes may join (a scaled-up service), and workers that stay
+    unplaced are dropped after the scheduler's bounded wait."""
     import ray
     res = cfg.resources
     total = ray.cluster_resources()
@@ -215,6 +217,8 @@ def _workers(cfg: DictConfig, n_trials: int, console: Console | None = None) -> 
     if res.gpu > 0:
         n = min(n, math.floor(total.get("GPU", 0) / res.gpu + 1e-9))
     if res.workers:
+        if cfg.cluster.address is not None:
+            return min(res.workers, max(n_trials, 1))
         if res.workers > n and n >= 1 and console is not None:
             console.print(f"[yellow]warning:[/] resources.workers={res.workers} but the cluster fits {n} "
                           f"({total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU at resources.cpu={res.cpu:g}, "
