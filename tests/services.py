@@ -20,8 +20,8 @@ def sweep_env(**extra: str) -> dict:
     loopback setting: the sweep binds its local Ray to 127.0.0.1 itself (tests/test_sweep_signals.py)."""
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), HYDRA_FULL_ERROR="0")
-    for k in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        env.pop(k, None)
+    for k in [k for k in env if k.startswith("RAY_") and k != "RAY_USAGE_STATS_ENABLED"]:
+        env.pop(k)  # a plain user's: in-process Ray calls of earlier tests leave RAY_* in os.environ
     env.update(extra)
     return env
 

@@ -182,7 +182,8 @@ def sweep_cmd(cluster: RayCluster, tracking: Tracking, experiment: str, results:
 
 
 def env_for_sweep() -> dict:
-    return sweep_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return sweep_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                     RAY_TMPDIR=os.environ["RAY_TMPDIR"])  # the ray_cluster fixture's
 
 
 def visible_children(uri: str, experiment: str):
