@@ -53,6 +53,59 @@ def _composer(task: list[str]):
 def plan(cfg: DictConfig) -> list[grid.Trial]:
     """Everything that can be wrong with the config, found before anything starts."""
     task, cli_groups, cli_values = _cli_overrides()
+    if len(cfg.sweep.parts):
+        return _plan_parts(cfg, task, cli_groups, cli_values)
+    return _plan_grid(cfg, task, cli_groups, cli_values)
+
+
+def _plan_parts(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_values: set[str]) -> list[grid.Trial]:
+    """A protocol (sweep.parts): each part planned as its own experiment with the overrides of
+    `sweep.budget`, then the user's command line; the union of their trials, variants "part/...". A trial
+    two parts share (the same resolved config) runs once and belongs to both."""
+    check_known_keys(cfg, schema.Config)
+    check_service(cfg)
+    def protocol_level(o: str) -> bool:  # the protocol's own choice and parts are not the parts' overrides
+        key = o.split("=", 1)[0].lstrip("+~")
+        return key == "experiment" or key == "sweep.parts" or key.startswith("sweep.parts.")
+    rest = [o for o in task if not protocol_level(o)]
+    budget = cfg.sweep.budget
+    budgets = {b for part in cfg.sweep.parts.values() if isinstance(part, DictConfig)
+               for b in (part.get("overrides") or {})} | {"default"}
+    if budget not in budgets:
+        raise ConfigError("sweep.budget", f"is {budget!r}", f"use one of {', '.join(sorted(budgets))}")
+    trials: dict[str, grid.Trial] = {}
+    for name, part in cfg.sweep.parts.items():
+        field = f"sweep.parts.{name}"
+        if not isinstance(part, DictConfig) or not isinstance(part.get("experiment"), str) \
+                or set(part) - {"experiment", "overrides"}:
+            raise ConfigError(field, "must be {experiment: NAME, overrides: {BUDGET: [...]}}",
+                              "see conf/experiment/paper.yaml")
+        if not (CONF_DIR / "experiment" / f"{part.experiment}.yaml").is_file():
+            raise ConfigError(f"{field}.experiment", f"is {part.experiment!r}, not an experiment",
+                              "name a file of conf/experiment/ (without .yaml)")
+        part_task = [f"+experiment={part.experiment}", *list((part.get("overrides") or {}).get(budget) or []), *rest]
+        try:
+            part_cfg = hydra.compose(config_name="config", overrides=part_task)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(f"{field}.overrides.{budget}", f"cannot be composed: {str(e).strip().splitlines()[0]}",
+                              f"check the overrides against `python -m sweep +experiment={part.experiment} --cfg job`") from None
+        if len(part_cfg.sweep.parts):
+            raise ConfigError(f"{field}.experiment", "is itself a protocol", "name a plain experiment")
+        try:
+            planned = _plan_grid(part_cfg, part_task, cli_groups, cli_values)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"{e.problem} (in {field})", e.fix) from None
+        for t in planned:
+            if t.key in trials:
+                trials[t.key].parts += (name,)
+            else:
+                t.variant, t.parts = f"{name}/{t.variant}", (name,)
+                trials[t.key] = t
+    return list(trials.values())
+
+
+def _plan_grid(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_values: set[str]) -> list[grid.Trial]:
+    """One experiment's grid, every trial checked by the trainers' own rules."""
     product, zips = grid.grid_axes(cfg.sweep)
     for axis in product + [a for g in zips for a in g]:
         if axis.path == "optimizer":

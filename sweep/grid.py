@@ -38,6 +38,7 @@ class Trial:
     config: dict      # Contract 1, plain and resolved
     point: dict       # the grid values that define it (path -> value), for labels
     variant: str      # optimizer name plus non-gain axis values, e.g. "qngd_d q=1.5"
+    parts: tuple = () # the protocol parts (sweep.parts) this trial belongs to; () outside a protocol
 
     @property
     def optimizer(self) -> str:

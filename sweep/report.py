@@ -29,6 +29,8 @@ from rich import box  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from . import claims  # noqa: E402
+
 # Every summary metric a trial may report (summary.csv keeps them all).
 SUMMARY_METRICS = ("final_test_loss", "early_stop_test_loss", "early_stop_step", "final_train_loss",
                    "test_accuracy", "weight_norm_growth", "norm_excess", "norm_excess_vs_full",
@@ -100,11 +102,16 @@ class Source:
     sweep_id: str
     order: list = field(default_factory=list)       # trial keys in grid order
     streamed: list = field(default_factory=list)    # [(RunHandle, [(key, value, step), ...]), ...]
+    claims: dict = field(default_factory=dict)      # the config's `claims` (thresholds) of a protocol sweep
+    parts_of: dict = field(default_factory=dict)    # trial key -> its protocol parts, as planned now (else the tag)
 
     @classmethod
     def of(cls, sweep) -> "Source":
+        from omegaconf import OmegaConf
         return cls(sweep.tracker, sweep.exp_id, sweep.parent_id, sweep.experiment, sweep.sweep_id,
-                   [t.key for t in sweep.trials], list(getattr(sweep, "streamed", [])))
+                   [t.key for t in sweep.trials], list(getattr(sweep, "streamed", [])),
+                   OmegaConf.to_container(sweep.cfg.claims, resolve=True),
+                   {t.key: ",".join(t.parts) for t in sweep.trials})
 
 
 def trial_table(tracker, exp_id: str, parent_id: str, sweep_id: str | None = None) -> pd.DataFrame:
@@ -119,8 +126,9 @@ def trial_table(tracker, exp_id: str, parent_id: str, sweep_id: str | None = Non
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "run_status": run.info.status,
                      "variant": tags.get("variant"), "optimizer": tags.get("optimizer"),
                      "gain": float(tags.get("gain", "nan")), "seed": int(tags.get("seed", "-1")),
-                     "status": tags.get("status"), "trial_key": tags.get("trial.key"),
-                     "teacher_singular_values": p.get("trainer.teacher_singular_values"), **m})
+                     "status": tags.get("status"), "trial_key": tags.get("trial.key"), "parts": tags.get("parts", ""),
+                     "teacher_singular_values": p.get("trainer.teacher_singular_values"), **m,
+                     **{f"config.{k}": v for k, v in p.items()}})
     df = pd.DataFrame(rows)
     if not df.empty:
         df = df.drop_duplicates("trial_key", keep="first")
@@ -420,11 +428,9 @@ def _moved(run: pd.Series, h0: float | None) -> bool:
     return h0 is None or not np.isfinite(h0) or loss < 0.99 * h0
 
 
-def plot_curves(df, h, path: Path, title: str) -> bool:
-    """Fig 4B-C / Fig S.I.2: rows train loss, test loss (and accuracy), one column per gain."""
-    rows = [(k, label) for k, label in CURVES if (h["key"] == k).any()]
-    if not rows:
-        return False
+def _panel_grid(df, h, rows: list[tuple[str, str]], path: Path, suptitle: str, draw, extra_handles=()) -> None:
+    """One row per metric, one column per gain, one shared legend of the variants: the layout of every
+    per-gain figure. `draw(ax, key, gain, variants, style, x_log)` fills one panel."""
     gains = sorted(df["gain"].unique(), reverse=True)
     variants = list(dict.fromkeys(df["variant"]))
     style = _style(variants)
@@ -434,40 +440,7 @@ def plot_curves(df, h, path: Path, title: str) -> bool:
     for c, gain in enumerate(gains):
         for r, (key, label) in enumerate(rows):
             ax = axes[r][c]
-            curves, seen = {}, []
-            for v in variants:
-                runs = df[(df["variant"] == v) & (df["gain"] == gain)]
-                stats = _seed_stats(h, runs["run_id"], key)
-                if stats is None:
-                    continue
-                mean, std = stats
-                keep = mean.index > 0 if x_log else mean.index >= 0
-                curves[v] = mean[keep]
-                seen += list(mean[keep].values)
-            y_log = key != "test_accuracy" and len(seen) and np.nanmax(seen) / max(np.nanmin(
-                [s for s in seen if s > 0] or [1]), 1e-300) > 30
-            for v, mean in curves.items():
-                runs = df[(df["variant"] == v) & (df["gain"] == gain)]
-                std = _seed_stats(h, runs["run_id"], key)[1].reindex(mean.index).fillna(0.0)
-                n_div = int((runs["status"] == "diverged").sum())
-                _band(ax, mean.index, mean.values, std.values, style[v],
-                      v + (f" ({n_div} diverged)" if n_div else ""), y_log)
-                if key == "test_loss" and "early_stop_step" in runs:
-                    first = _seed_stats(h, runs["run_id"], key)[0]
-                    h0 = float(first.iloc[0]) if len(first) and first.index[0] == 0 else None
-                    es = runs[[_moved(run, h0) for _, run in runs.iterrows()]]
-                    ax.scatter(es["early_stop_step"], es["early_stop_test_loss"], marker="v", s=40,
-                               color=style[v]["color"], edgecolor="black", linewidth=0.6, zorder=20)
-            _axes_scale(ax, x_log, seen if key != "test_accuracy" else [])
-            for i, grp in enumerate(_overlaps(curves)):
-                # the note goes to the half of the panel away from the curves it names
-                ax.autoscale_view()
-                last = curves[grp[0]]
-                y = ax.transAxes.inverted().transform(ax.transData.transform((last.index[-1], last.values[-1])))[1]
-                top = y < 0.5
-                ax.text(0.02, (0.95 - 0.085 * i) if top else (0.05 + 0.085 * i), "overlap: " + ", ".join(grp),
-                        transform=ax.transAxes, fontsize=7, ha="left", va="top" if top else "bottom", color="0.2",
-                        bbox=dict(facecolor="white", alpha=0.75, lw=0, pad=1))
+            draw(ax, key, gain, variants, style, x_log)
             if r == 0:
                 ax.set_title(f"gain {fmt_gain(gain)}")
             if r == len(rows) - 1:
@@ -475,53 +448,82 @@ def plot_curves(df, h, path: Path, title: str) -> bool:
             if c == 0:
                 ax.set_ylabel(label)
     handles = [Line2D([], [], **{k: v for k, v in style[v].items() if k not in ("zorder", "markevery")}, label=v)
-               for v in variants]
-    handles.append(Line2D([], [], marker="v", ls="", color="0.4", markeredgecolor="black",
-                          label="early stopping (per seed)"))
+               for v in variants] + list(extra_handles)
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: mean over seeds, band = ±1 std (as in the table)", fontsize=11)
+    fig.suptitle(suptitle, fontsize=11)
     fig.tight_layout(rect=(0, 0.07 if len(handles) <= 5 else 0.11, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curves(df, h, path: Path, title: str) -> bool:
+    """Fig 4B-C / Fig S.I.2: rows train loss, test loss (and accuracy), one column per gain."""
+    rows = [(k, label) for k, label in CURVES if (h["key"] == k).any()]
+    if not rows:
+        return False
+
+    def draw(ax, key, gain, variants, style, x_log):
+        curves, seen = {}, []
+        for v in variants:
+            runs = df[(df["variant"] == v) & (df["gain"] == gain)]
+            stats = _seed_stats(h, runs["run_id"], key)
+            if stats is None:
+                continue
+            mean, std = stats
+            keep = mean.index > 0 if x_log else mean.index >= 0
+            curves[v] = mean[keep]
+            seen += list(mean[keep].values)
+        y_log = key != "test_accuracy" and len(seen) and np.nanmax(seen) / max(np.nanmin(
+            [s for s in seen if s > 0] or [1]), 1e-300) > 30
+        for v, mean in curves.items():
+            runs = df[(df["variant"] == v) & (df["gain"] == gain)]
+            std = _seed_stats(h, runs["run_id"], key)[1].reindex(mean.index).fillna(0.0)
+            n_div = int((runs["status"] == "diverged").sum())
+            _band(ax, mean.index, mean.values, std.values, style[v],
+                  v + (f" ({n_div} diverged)" if n_div else ""), y_log)
+            if key == "test_loss" and "early_stop_step" in runs:
+                first = _seed_stats(h, runs["run_id"], key)[0]
+                h0 = float(first.iloc[0]) if len(first) and first.index[0] == 0 else None
+                es = runs[[_moved(run, h0) for _, run in runs.iterrows()]]
+                ax.scatter(es["early_stop_step"], es["early_stop_test_loss"], marker="v", s=40,
+                           color=style[v]["color"], edgecolor="black", linewidth=0.6, zorder=20)
+        _axes_scale(ax, x_log, seen if key != "test_accuracy" else [])
+        for i, grp in enumerate(_overlaps(curves)):
+            # the note goes to the half of the panel away from the curves it names
+            ax.autoscale_view()
+            last = curves[grp[0]]
+            y = ax.transAxes.inverted().transform(ax.transData.transform((last.index[-1], last.values[-1])))[1]
+            top = y < 0.5
+            ax.text(0.02, (0.95 - 0.085 * i) if top else (0.05 + 0.085 * i), "overlap: " + ", ".join(grp),
+                    transform=ax.transAxes, fontsize=7, ha="left", va="top" if top else "bottom", color="0.2",
+                    bbox=dict(facecolor="white", alpha=0.75, lw=0, pad=1))
+
+    early = Line2D([], [], marker="v", ls="", color="0.4", markeredgecolor="black", label="early stopping (per seed)")
+    _panel_grid(df, h, rows, path, f"{title}: mean over seeds, band = ±1 std (as in the table)", draw, [early])
     return True
 
 
 def plot_norms(df, h, path: Path, title: str) -> bool:
-    keys = [(k, label) for k, label in (("conservation_drift", "conservation drift"),
+    """Fig 5: conservation-law drift and norm excess, one column per gain."""
+    rows = [(k, label) for k, label in (("conservation_drift", "conservation drift"),
                                          ("norm_excess", "norm excess (1 = balanced)")) if (h["key"] == k).any()]
-    if not keys:
+    if not rows:
         return False
-    gains = sorted(df["gain"].unique(), reverse=True)
-    variants = list(dict.fromkeys(df["variant"]))
-    style = _style(variants)
-    x_log = _log_spaced(h["step"])
-    fig, axes = plt.subplots(len(keys), len(gains), figsize=(max(3.9 * len(gains), 7.0), 2.9 * len(keys) + 0.9),
-                             squeeze=False, sharex=True)
-    for c, gain in enumerate(gains):
-        for r, (key, label) in enumerate(keys):
-            ax, seen = axes[r][c], []
-            for v in variants:
-                stats = _seed_stats(h, df[(df["variant"] == v) & (df["gain"] == gain)]["run_id"], key)
-                if stats is None:
-                    continue
-                mean, std = stats
-                keep = (mean.index > 0 if x_log else mean.index >= 0) & (mean.values > 0)
-                _band(ax, mean.index[keep], mean.values[keep], std.values[keep], style[v], v, True)
-                seen += list(mean.values[keep])
-            _axes_scale(ax, x_log, seen)
-            if r == 0:
-                ax.set_title(f"gain {fmt_gain(gain)}")
-            if r == len(keys) - 1:
-                ax.set_xlabel("step" + (" (log)" if x_log else ""))
-            if c == 0:
-                ax.set_ylabel(label)
-    handles = [Line2D([], [], **{k: v for k, v in style[v].items() if k not in ("zorder", "markevery")}, label=v)
-               for v in variants]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
-    fig.suptitle(f"{title}: conservation-law drift and norm excess (mean over seeds, band = ±1 std)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08 if len(handles) <= 5 else 0.12, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def draw(ax, key, gain, variants, style, x_log):
+        seen = []
+        for v in variants:
+            stats = _seed_stats(h, df[(df["variant"] == v) & (df["gain"] == gain)]["run_id"], key)
+            if stats is None:
+                continue
+            mean, std = stats
+            keep = (mean.index > 0 if x_log else mean.index >= 0) & (mean.values > 0)
+            _band(ax, mean.index[keep], mean.values[keep], std.values[keep], style[v], v, True)
+            seen += list(mean.values[keep])
+        _axes_scale(ax, x_log, seen)
+
+    _panel_grid(df, h, rows, path, f"{title}: conservation-law drift and norm excess (mean over seeds, "
+                "band = ±1 std)", draw)
     return True
 
 
@@ -539,7 +541,7 @@ def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> bool:
     """Fig 4D: per variant (columns) and gain (rows), the magnitude of the map along each teacher mode
     (signal) and its largest component outside them (noise) vs step, seed mean ± std; dotted lines at
     the teacher's singular values (what the signal modes should approach)."""
-    if not signal_keys:
+    if not (h["key"].isin(signal_keys) & h["run_id"].isin(set(df["run_id"]))).any():
         return False
     gains = sorted(df["gain"].unique(), reverse=True)
     variants = list(dict.fromkeys(df["variant"]))
@@ -601,6 +603,8 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
     order = {k: i for i, k in enumerate(src.order)}
     df = df.assign(_order=[order.get(k, len(order)) for k in df["trial_key"]]).sort_values("_order", kind="stable")
     df = df.drop(columns="_order").reset_index(drop=True)
+    if src.parts_of:  # a reused run carries the parts of the sweep that ran it; a trial's parts are this plan's
+        df["parts"] = [src.parts_of.get(k, p) for k, p in zip(df["trial_key"], df["parts"])]
     df = add_block_ratio(df)
     for run_id, value in zip(df["run_id"], df["norm_excess_vs_full"]):
         if np.isfinite(value):  # queued: written while the figures render
@@ -610,7 +614,9 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
     summary.to_csv(out_dir / "summary.csv", index=False)
     df.to_csv(out_dir / "trials.csv", index=False)
     title = f"{src.experiment} (sweep {src.sweep_id})"
-    print_summary(summary, console, f"{title}: mean ± std over seeds")
+    parts = list(dict.fromkeys(p for ps in df["parts"].fillna("") for p in ps.split(",") if p))
+    if not parts:  # a protocol prints its claims instead (each part's table is in parts/<part>/summary.csv)
+        print_summary(summary, console, f"{title}: mean ± std over seeds")
     import json
     note_md = summary_markdown(summary, title)
     tr.set_tags(_handle(src.parent_id), {"mlflow.note.content": note_md[:7900],
@@ -619,18 +625,39 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
 
     signal_keys = sorted(c for c in df.columns if c.startswith("signal_mode."))
     keys = [k for k in ("train_loss", "test_loss", "test_accuracy", "conservation_drift", "norm_excess",
-                        "noise_mode", *signal_keys) if k in df]
+                        "noise_mode", "update_norm", *signal_keys) if k in df]
     h = histories(tr, df, keys, src.streamed)
-    plots = []
-    for name, draw in (("learning_curves.png", lambda p: plot_curves(df, h, p, src.experiment)),
-                       ("drift_and_norm_excess.png", lambda p: plot_norms(df, h, p, src.experiment)),
-                       ("modes.png", lambda p: plot_modes(df, h, p, src.experiment, signal_keys))):
-        if draw(out_dir / name):
-            plots.append(out_dir / name)
-    for path in [out_dir / "summary.csv", out_dir / "trials.csv", *plots]:
-        tr.log_artifact(src.parent_id, path, "report")
+    if parts:  # a protocol: each part's own table and figures, then the claims
+        files = []
+        for part in parts:
+            sub = df[df["parts"].str.split(",").apply(lambda ps: part in ps)].copy()
+            sub["variant"] = sub["variant"].str.replace(r"^[^/]+/", "", regex=True)
+            part_dir = out_dir / "parts" / part
+            part_dir.mkdir(parents=True, exist_ok=True)
+            summarize(sub).to_csv(part_dir / "summary.csv", index=False)
+            files += [part_dir / "summary.csv", *figures(sub, h, part_dir, f"{src.experiment}: {part}", signal_keys)]
+        rows = claims.evaluate(claims.Records(df, h), src.claims.get("thresholds", {}))
+        files += claims.write(rows, out_dir, f"Paper claims: {title}")
+        console.print(f"[bold]{title}: paper claims[/] (claims.md has the thresholds and figures)", highlight=False)
+        console.print(claims.table(rows, WIDTH))
+        tr.set_tags(_handle(src.parent_id), {"mlflow.note.content": (out_dir / "claims.md").read_text()[:7900]})
+    else:
+        files = figures(df, h, out_dir, src.experiment, signal_keys)
+    for path in [out_dir / "summary.csv", out_dir / "trials.csv", *files]:
+        tr.log_artifact(src.parent_id, path, str(Path("report") / path.parent.relative_to(out_dir)))
     console.print(f"report: {out_dir} (also the parent run's artifacts under report/)", highlight=False)
     return summary
+
+
+def figures(df, h, out_dir: Path, title: str, signal_keys: list[str]) -> list[Path]:
+    """The report's figures of one experiment (those with something to draw)."""
+    plots = []
+    for name, draw in (("learning_curves.png", lambda p: plot_curves(df, h, p, title)),
+                       ("drift_and_norm_excess.png", lambda p: plot_norms(df, h, p, title)),
+                       ("modes.png", lambda p: plot_modes(df, h, p, title, signal_keys))):
+        if draw(out_dir / name):
+            plots.append(out_dir / name)
+    return plots
 
 
 def _handle(run_id: str):
@@ -679,7 +706,8 @@ def main(argv: list[str]) -> int:
         if not df.empty:
             df = df.assign(_v=[rank.get(v, len(rank)) for v in df["variant"]]).sort_values(
                 ["_v", "gain", "seed"], ascending=[True, False, True], kind="stable")
-        src = Source(tracker, exp_id, parent.info.run_id, exp_name, sweep_id, list(df.get("trial_key", [])))
+        src = Source(tracker, exp_id, parent.info.run_id, exp_name, sweep_id, list(df.get("trial_key", [])),
+                     claims=json.loads(parent.data.tags.get("sweep.claims", "{}")))
         out = Path(a.out) if a.out else results / "reports" / sweep_id
         if report(src, console, out) is None:
             raise SystemExit(f"error: sweep {sweep_id} has no trials yet")

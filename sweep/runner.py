@@ -1,6 +1,7 @@
 """One sweep, start to finish: services up, resume, run the trials, report, services down."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -43,7 +44,8 @@ class Sweep:
         if parent is None:
             self.parent_id = tr.create_parent(self.exp_id, f"{self.experiment}-{self.sweep_id[:6]}", {
                 "sweep.id": self.sweep_id, "sweep.trials": str(len(self.trials)),
-                "sweep.experiment": self.experiment})
+                "sweep.experiment": self.experiment,
+                "sweep.claims": json.dumps(OmegaConf.to_container(self.cfg.claims, resolve=True))})
             self._log_plan()
             children = []
         else:
@@ -94,7 +96,8 @@ class Sweep:
         tr = self.tracker
         resolved = OmegaConf.to_yaml(self.cfg, resolve=True)
         tr.call(tr.client.log_text, self.parent_id, resolved, "sweep_config.yaml")
-        rows = [{"trial.key": t.key, "variant": t.variant, "gain": t.gain, "seed": t.seed, "point": t.point}
+        rows = [{"trial.key": t.key, "variant": t.variant, "gain": t.gain, "seed": t.seed, "point": t.point,
+                 "parts": list(t.parts)}
                 for t in self.trials]
         tr.call(tr.client.log_dict, self.parent_id, rows, "grid.json")
 
@@ -104,7 +107,7 @@ class Sweep:
         tags = {"trial.key": t.key, "optimizer": t.optimizer, "variant": t.variant, "gain": f"{t.gain:g}",
                 "seed": str(t.seed), "status": "running", "attempt": str(job.attempt), "sweep.id": self.sweep_id,
                 "node.id": job.info.get("node_id", ""), "worker.gpu_ids": ",".join(job.info.get("gpu_ids", [])),
-                "worker.torch_device": job.info.get("torch_device", "")}
+                "worker.torch_device": job.info.get("torch_device", ""), "parts": ",".join(t.parts)}
         name = run_name(t)
         self.progress.started(job.trial, name)
         return self.tracker.start_child(self.exp_id, self.parent_id, name, tags, grid.flatten_params(t.config))

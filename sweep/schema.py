@@ -80,6 +80,12 @@ class SweepConf:
     zip: List[Any] = field(default_factory=list)
     variants: Dict[str, Any] = field(default_factory=dict)
     max_retries: int = 2
+    # A protocol of several experiments run as one sweep (conf/experiment/paper.yaml): part name ->
+    # {experiment: NAME, overrides: {BUDGET: [override, ...]}}. Each part is planned as
+    # `+experiment=NAME` with the overrides of `budget` (as if written in its file) and the user's
+    # command line; its trials' variants are prefixed "part/".
+    parts: Dict[str, Any] = field(default_factory=dict)
+    budget: str = "default"
 
 
 @dataclass
@@ -120,6 +126,7 @@ class Config:
     cluster: ClusterConf = field(default_factory=ClusterConf)
     tracking: TrackingConf = field(default_factory=TrackingConf)
     report: ReportConf = field(default_factory=ReportConf)
+    claims: Dict[str, Any] = field(default_factory=dict)  # paper claims checked by the report (sweep/claims.py)
     results_dir: str = "results"
     verbose: bool = False
     dry_run: bool = False             # print the trials of the grid and exit; starts nothing

@@ -106,6 +106,23 @@ def test_teacher_modes_signal_and_noise():
     assert diag.teacher_modes(teacher + cross, u, v)["noise_mode"] == pytest.approx(0.7)
 
 
+def test_target_fit_is_the_fitted_fraction_of_each_target_mode():
+    """A map that carries fraction f_k of each singular mode of the target (plus a component off every
+    mode's diagonal, which fits nothing): signal_fit = min f_k over the signal modes, noise_fit = the
+    mean over the rest."""
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    s = torch.tensor([5.0, 3.0, 2.0, 0.4, 0.3, 0.1], dtype=torch.float64)
+    f = torch.tensor([0.9, 0.7, 0.8, 0.1, 0.2, 0.6], dtype=torch.float64)
+    off = torch.zeros(6, 6, dtype=torch.float64)
+    off[0, 4] = off[5, 1] = 0.5
+    wbar = u @ (torch.diag(f * s) + off) @ v.T
+    got = diag.target_fit(wbar, u, s, v, rank=3)
+    assert got["signal_fit"] == pytest.approx(0.7, abs=1e-12)
+    assert got["noise_fit"] == pytest.approx(0.3, abs=1e-12)
+
+
 def test_divergence_reason():
     assert diag.divergence_reason(1.0, 2.0, 10.0) is None
     assert "loss is nan" in diag.divergence_reason(math.nan, 2.0, 10.0)

@@ -183,6 +183,16 @@ def teacher_modes(wbar: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> dict[
     return out
 
 
+def target_fit(wbar: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, rank: int) -> dict[str, float]:
+    """How much of the training target the student map has fitted, mode by mode (paper Fig 4A, D): with
+    ``U S V^T`` the SVD of the least-squares target map, mode k is fitted by ``u_k^T wbar v_k / s_k``
+    (0 at a small start, 1 when learnt). ``signal_fit`` = the weakest of the first ``rank`` (signal)
+    modes, ``noise_fit`` = the mean over the rest (the noise dimensions, s_k > 0)."""
+    fit = torch.einsum("ik,ij,jk->k", u.double(), wbar.double(), v.double()) / s.double()
+    noise = fit[rank:][s[rank:] > s[0] * 1e-12]
+    return {"signal_fit": float(fit[:rank].min()), "noise_fit": float(noise.mean()) if len(noise) else math.nan}
+
+
 def flat_norm(tensors: Sequence[torch.Tensor]) -> float:
     return float(torch.sqrt(sum(t.double().square().sum() for t in tensors)))
 

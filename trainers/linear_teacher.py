@@ -42,7 +42,8 @@ minimum ``test_loss``; ``rescaled_time`` = eta_bar * final step, eta_bar = lr * 
 Metrics per evaluation: the common ones (``train_loss``, ``test_loss``, ``weight_norm[.l{i}]``,
 ``conservation_drift[.l{i}]``, ``update_norm`` = ||lr * D|| of the last step, ``clipped_updates``),
 ``excess_train_loss``, ``test_loss_noisy`` and ``signal_mode.k{k}`` / ``noise_mode`` / ``norm_excess``
-(see ``trainers.diagnostics.teacher_modes`` and ``norm_excess``). The trial ends ``diverged`` at the
+(see ``trainers.diagnostics.teacher_modes`` and ``norm_excess``), ``signal_fit`` / ``noise_fit`` (the
+fitted fraction of the training target's signal and noise modes, Fig 4D: ``diagnostics.target_fit``). The trial ends ``diverged`` at the
 first step whose loss or weights are not finite or whose weight norm exceeds ``max_weight_norm``.
 """
 
@@ -233,6 +234,7 @@ def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[d
     def loss(wbar, x, y):
         return float(0.5 * (wbar @ x - y).square().sum(0).mean())
 
+    target_u, target_s, target_vh = torch.linalg.svd(task.target_map)  # its modes: signal_fit / noise_fit
     min_train_loss = loss(task.target_map, task.x_train, task.y_train)  # L*, the least-squares map's
     initial_train_loss = loss(_product(weights), task.x_train, task.y_train)
     schedule = diag.EvalSchedule(cfg.steps, cfg.eval_every, cfg.log_eval)
@@ -267,6 +269,7 @@ def _steps(cfg, opt, device, seed, natural_direction, clip_update) -> Iterator[d
                        **diag.conservation_drift(diag.conservation_linear(weights), c_init, squared),
                        "update_norm": update_norm, "clipped_updates": clipped,
                        **diag.teacher_modes(wbar, task.u, task.v),
+                       **diag.target_fit(wbar, target_u, target_s, target_vh.T, cfg.rank),
                        "norm_excess": diag.norm_excess(weights, wbar)}
             yield tracker.eval(step, metrics)
         else:

@@ -1,0 +1,316 @@
+"""The paper's claims, checked on a protocol sweep's records (`python -m sweep +experiment=paper`).
+
+Each claim reads the trials of the protocol parts it needs (sweep.parts; conf/experiment/paper.yaml),
+computes what the paper says it should, and compares it with a threshold fixed in that config before
+anything ran (`claims.thresholds`, each with a comment saying why that value). A claim that does not hold
+is a row with its numbers and ✗; one that cannot be measured (trials missing, failed, diverged or not
+converged where convergence is the budget) is a row with its reason and "?" -- never dropped.
+
+Input is plain data, so the logic is tested on synthetic records (tests/test_claims.py):
+`Records(trials, histories)`: one row per trial (tags: parts, optimizer, variant, gain, seed, status,
+run_status; config params as `config.<path>` strings; the latest value of each metric) and the long
+history table (run_id, key, step, value). Output: `Row`s, written as claims.md and claims.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+
+MARK = {True: "✓", False: "✗", None: "?"}
+FULL, BLOCK = ("sgd", "ngd", "sqrt_ngd"), ("ngd_d", "sqrt_ngd_d")
+
+
+@dataclass
+class Row:
+    id: str                 # "1a": claim number (issue 9's list) and sub-claim
+    paper: str              # where the paper says it
+    claim: str              # what the paper says, one line
+    measured: str           # what was measured, over which trials
+    threshold: str          # the pass criterion, as fixed in the config
+    value: str              # the measured value(s), mean ± std over seeds
+    holds: bool | None      # None: could not be measured (see value)
+    numbers: dict = field(default_factory=dict)   # the raw numbers behind `value` (claims.json)
+    figures: list = field(default_factory=list)   # files (relative to the report dir) that back the row
+
+
+class NotMeasured(Exception):
+    """A claim's trials are missing or unusable: the row says why instead of a verdict."""
+
+
+# ---------------------------------------------------------------- the records
+@dataclass
+class Records:
+    trials: pd.DataFrame
+    histories: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["run_id", "key", "step", "value"]))
+
+    def part(self, name: str, converged: bool = False) -> pd.DataFrame:
+        """The usable trials of one protocol part: finished (not diverged or failed) and, with
+        `converged`, judged converged. NotMeasured when the part has no trials at all."""
+        df = self.trials
+        if df.empty or "parts" not in df:
+            raise NotMeasured(f"no trials of part {name!r}")
+        df = df[df["parts"].fillna("").str.split(",").apply(lambda p: name in p)]
+        if df.empty:
+            raise NotMeasured(f"no trials of part {name!r}")
+        ok = (df["status"] == "finished") & (df["run_status"] == "FINISHED")
+        if converged:
+            ok &= pd.to_numeric(df.get("converged"), errors="coerce") == 1.0
+        return df[ok]
+
+    def history(self, run_id: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+        h = self.histories
+        sel = h[(h["run_id"] == run_id) & (h["key"] == key)].sort_values("step")
+        return sel["step"].to_numpy(dtype=float), sel["value"].to_numpy(dtype=float)
+
+
+def config_value(row: pd.Series, path: str) -> float:
+    """A numeric config param of a trial (MLflow keeps params as strings; "inf" is q of SGD)."""
+    return float(json.loads(row[f"config.{path}"]) if row[f"config.{path}"] not in ("inf", "-inf") else row[f"config.{path}"])
+
+
+def rule_values(df: pd.DataFrame, optimizer: str, metric: str) -> pd.Series:
+    """Per seed: `metric` of the trials of one optimizer (index = seed)."""
+    sel = df[df["optimizer"] == optimizer]
+    if sel.empty:
+        raise NotMeasured(f"no usable {optimizer} trial")
+    return pd.to_numeric(sel.set_index("seed")[metric], errors="coerce").sort_index()
+
+
+def pm(values) -> str:
+    """mean ± std over seeds (ddof=0), 3 significant digits."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return "-"
+    mean, std = v.mean(), v.std()
+    if len(v) == 1:
+        return f"{mean:.3g}"
+    return f"{mean:.3g}±{std:.2g}"
+
+
+def half_fit_time(steps: np.ndarray, values: np.ndarray, lr: float) -> float:
+    """Time t = lr * step at which a fitted fraction (signal_fit / noise_fit: 0 at a small start, 1 when
+    the target's modes are learnt) first reaches one half, linear between evaluations; NotMeasured when
+    it never does (or nothing was recorded)."""
+    v = np.asarray(values, dtype=float)
+    if not len(v) or not (v >= 0.5).any():
+        raise NotMeasured("a fitted fraction never reached 1/2" if len(v) else "no signal_fit / noise_fit history")
+    i = int(np.argmax(v >= 0.5))
+    if i == 0:
+        return lr * float(steps[0])
+    s0, s1, v0, v1 = steps[i - 1], steps[i], v[i - 1], v[i]
+    return lr * float(s0 + (0.5 - v0) / (v1 - v0) * (s1 - s0))
+
+
+def _ratio_text(values: dict) -> str:
+    return ", ".join(f"{k} {pm(v)}" for k, v in values.items())
+
+
+# ---------------------------------------------------------------- 1. conservation law (Thm 1, eq 15)
+def conservation(rec: Records, th: dict) -> list[Row]:
+    out = []
+    lr_df = rec.part("conservation_lr")
+    ratios, small = {}, {}
+    for rule in FULL + BLOCK:
+        sel = lr_df[lr_df["optimizer"] == rule]
+        if sel.empty:
+            raise NotMeasured(f"no usable {rule} trial in part conservation_lr")
+        lrs = sel.apply(lambda r: config_value(r, "optimizer.lr"), axis=1)
+        hi, lo = lrs.max(), lrs.min()
+        a = sel[lrs == hi].set_index("seed")["max_conservation_drift"].astype(float)
+        b = sel[lrs == lo].set_index("seed")["max_conservation_drift"].astype(float)
+        ratios[rule] = (a / b).dropna()
+        small[rule] = b
+        factor = hi / lo
+    full_ok = all((ratios[r] >= th["full_lr_ratio_min"]).all() and len(ratios[r]) for r in FULL)
+    out.append(Row("1a", "Thm 1, eq 15; §3.1", "full rules conserve c_i: drift falls with lr (first order)",
+                   f"max conservation drift at lr / drift at lr/{factor:g}, same time lr·steps",
+                   f"≥ {th['full_lr_ratio_min']:g} for sgd, ngd, sqrt_ngd (first order: {factor:g})",
+                   _ratio_text({r: ratios[r] for r in FULL}), full_ok,
+                   {r: ratios[r].tolist() for r in FULL}))
+    full_small = max(float(small[r].max()) for r in FULL)
+    block_ok = all(len(ratios[r]) and (ratios[r] <= th["block_lr_ratio_max"]).all()
+                   and (small[r] >= th["block_over_full_min"] * full_small).all() for r in BLOCK)
+    out.append(Row("1b", "§5, Fig 5C", "block rules break the law (drift stays as lr → 0)",
+                   f"the same ratio; block drift at lr/{factor:g} over the full rules' largest",
+                   f"ratio ≤ {th['block_lr_ratio_max']:g} and drift ≥ {th['block_over_full_min']:g}× full",
+                   _ratio_text({r: ratios[r] for r in BLOCK})
+                   + "; over full: " + _ratio_text({r: small[r] / full_small for r in BLOCK}), block_ok,
+                   {r: {"lr_ratio": ratios[r].tolist(), "drift_small_lr": small[r].tolist()} for r in BLOCK}
+                   | {"full_max_drift_small_lr": full_small}))
+    ts = rec.part("teacher_student", converged=True)
+    ngd_d, sqrt_d = rule_values(ts, "ngd_d", "conservation_drift"), rule_values(ts, "sqrt_ngd_d", "conservation_drift")
+    r = (ngd_d / sqrt_d).dropna()
+    out.append(Row("1c", "§5, Fig 5C", "NGD-d's drift well above sqrtNGD-d's",
+                   "final conservation drift, NGD-d / sqrtNGD-d per seed (teacher_student, converged)",
+                   f"≥ {th['ngd_d_over_sqrt_ngd_d_min']:g} on every seed",
+                   f"{pm(r)} (NGD-d {pm(ngd_d)}, sqrtNGD-d {pm(sqrt_d)})",
+                   bool(len(r)) and bool((r >= th["ngd_d_over_sqrt_ngd_d_min"]).all()),
+                   {"ratio": r.tolist(), "ngd_d": ngd_d.tolist(), "sqrt_ngd_d": sqrt_d.tolist()}))
+    return out
+
+
+# ---------------------------------------------------------------- 5. Fig 4: early stopping, mode order
+def early_stopping(rec: Records, th: dict) -> list[Row]:
+    ts = rec.part("teacher_student", converged=True)
+    benefit = {r: rule_values(ts, r, "final_test_loss") - rule_values(ts, r, "early_stop_test_loss")
+               for r in ("sgd", "sqrt_ngd", "sqrt_ngd_d", "ngd", "ngd_d")}
+    learners = min(float(benefit[r].mean()) for r in ("sgd", "sqrt_ngd", "sqrt_ngd_d"))
+    worst = max(float(benefit[r].mean()) for r in ("ngd", "ngd_d"))
+    rows = [Row("5a", "§6, Fig 4C", "early stopping helps SGD, sqrtNGD, sqrtNGD-d; NGD, NGD-d overfit from the start",
+                "benefit = final test loss − lowest test loss (teacher_student, converged)",
+                f"NGD's and NGD-d's mean benefit ≤ {th['benefit_ratio_max']:g}× the smallest of the others'",
+                _ratio_text(benefit), learners > 0 and worst <= th["benefit_ratio_max"] * learners,
+                {r: v.tolist() for r, v in benefit.items()}, ["parts/teacher_student/learning_curves.png"])]
+    order = {}
+    for rule in ("sgd", "sqrt_ngd", "ngd"):
+        sel = ts[ts["optimizer"] == rule]
+        if sel.empty:
+            raise NotMeasured(f"no usable {rule} trial in part teacher_student")
+        order[rule] = pd.Series([half_fit_time(*rec.history(run["run_id"], "noise_fit"), config_value(run, "optimizer.lr"))
+                                 / half_fit_time(*rec.history(run["run_id"], "signal_fit"), config_value(run, "optimizer.lr"))
+                                 for _, run in sel.iterrows()], dtype=float)
+    m = th["mode_order_ratio"]
+    holds = bool((order["sgd"] >= m).all() and (order["sqrt_ngd"] >= m).all() and (order["ngd"] < m).all())
+    rows.append(Row("5b", "§6, Fig 4D", "SGD, sqrtNGD learn signal modes before noise; NGD all at once",
+                    "time to fit half the training target's noise modes / its weakest signal mode",
+                    f"≥ {m:g} for sgd and sqrt_ngd, < {m:g} for ngd",
+                    _ratio_text(order), holds, {r: v.tolist() for r, v in order.items()},
+                    ["parts/teacher_student/modes.png"]))
+    return rows
+
+
+# ---------------------------------------------------------------- 6. Fig 5: norms
+def norms(rec: Records, th: dict) -> list[Row]:
+    ts = rec.part("teacher_student", converged=True)
+    excess = {r: rule_values(ts, r, "final_norm_excess") for r in ("ngd_d", "sqrt_ngd_d", "sgd", "ngd", "sqrt_ngd")}
+    others = pd.concat([excess[r] for r in excess if r != "ngd_d"], axis=1).max(axis=1)
+    above = (excess["ngd_d"] > others).dropna()
+    holds = bool(len(above) and above.all() and excess["ngd_d"].mean() >= th["ngd_d_norm_excess_min"])
+    return [Row("6", "§5, Fig 3A, Fig 5", "NGD-d converges to larger-norm solutions than sqrtNGD-d and full rules",
+                "final norm excess Σ||w_i||² / its minimum on the symmetry orbit (1 = balanced)",
+                f"NGD-d above every other rule on every seed, mean ≥ {th['ngd_d_norm_excess_min']:g}",
+                _ratio_text(excess), holds, {r: v.tolist() for r, v in excess.items()},
+                ["parts/teacher_student/drift_and_norm_excess.png"])]
+
+
+# ---------------------------------------------------------------- 7. S.I.1: non-whitened inputs
+def nonwhite(rec: Records, th: dict) -> list[Row]:
+    white, other = rec.part("teacher_student", converged=True), rec.part("teacher_student_nonwhite", converged=True)
+    ratio = {}
+    for rule in ("ngd", "sqrt_ngd", "ngd_d", "sqrt_ngd_d"):
+        gap = lambda df: rule_values(df, rule, "final_test_loss") - rule_values(df, rule, "final_train_loss")  # noqa: E731
+        ratio[rule] = (gap(other) / gap(white)).dropna()
+    holds = all(len(v) and (v >= th["gap_ratio_min"]).all() for v in ratio.values())
+    return [Row("7", "S.I.1, Fig S.I.1", "non-whitened inputs give a generalisation gap",
+                "test − train loss, non-whitened (cond 100) / whitened, per seed (converged)",
+                f"≥ {th['gap_ratio_min']:g} for every curvature rule and seed",
+                _ratio_text(ratio), holds, {r: v.tolist() for r, v in ratio.items()},
+                ["parts/teacher_student_nonwhite/learning_curves.png"])]
+
+
+# ---------------------------------------------------------------- 8. S.I.3: gains on MNIST
+def gains(rec: Records, th: dict) -> list[Row]:
+    df = rec.part("mnist_gain")
+    small = [float(g) for g in th["small_gains"]]
+
+    def loss(rule, gain):
+        sel = df[(df["optimizer"] == rule) & np.isclose(df["gain"], gain)]
+        if sel.empty:
+            raise NotMeasured(f"no usable {rule} trial at gain {gain:g} in part mnist_gain")
+        return pd.to_numeric(sel["final_test_loss"], errors="coerce")
+
+    all_gains = sorted(df.loc[df["optimizer"] == "sqrt_ngd_d", "gain"].unique(), reverse=True)
+    if not all_gains:
+        raise NotMeasured("no usable sqrt_ngd_d trial in part mnist_gain")
+    trained = {f"g{g:g}": loss("sqrt_ngd_d", g) for g in all_gains}
+    rows = [Row("8a", "S.I.3, Fig S.I.2", "sqrtNGD-d trains at every gain, one lr, no damping",
+                "final test loss of sqrtNGD-d per gain (chance level ln 10 = 2.30)",
+                f"≤ {th['trained_max']:g} at every gain and seed", _ratio_text(trained),
+                all((v <= th["trained_max"]).all() for v in trained.values()),
+                {k: v.tolist() for k, v in trained.items()}, ["parts/mnist_gain/learning_curves.png"])]
+    stuck = {f"{r} g{g:g}": loss(r, g) for r in ("sgd", "ngd_d") for g in small}
+    rows.append(Row("8b", "S.I.3, Fig S.I.2", "SGD and damped NGD-d struggle at small gains",
+                    f"final test loss of SGD and NGD-d at gains {', '.join(f'{g:g}' for g in small)}",
+                    f"≥ {th['stuck_min']:g} (near chance) on every seed", _ratio_text(stuck),
+                    all((v >= th["stuck_min"]).all() for v in stuck.values()),
+                    {k: v.tolist() for k, v in stuck.items()}, ["parts/mnist_gain/learning_curves.png"]))
+    return rows
+
+
+# ---------------------------------------------------------------- the suite
+CLAIMS: dict[str, tuple[str, str, Callable[[Records, dict], list[Row]]]] = {
+    # threshold section -> (id, paper, claim function); in the order of issue 9's list
+    "conservation": ("1", "Thm 1, eq 15", conservation),
+    "early_stopping": ("5", "Fig 4", early_stopping),
+    "norms": ("6", "Fig 5", norms),
+    "nonwhite": ("7", "S.I.1", nonwhite),
+    "gains": ("8", "S.I.3", gains),
+}
+
+
+def evaluate(rec: Records, thresholds: dict) -> list[Row]:
+    """Every claim with thresholds in the config, in order; one that cannot be measured is a "?" row."""
+    rows = []
+    for section, (cid, paper, check) in CLAIMS.items():
+        if section not in thresholds:
+            continue
+        try:
+            rows += check(rec, thresholds[section])
+        except NotMeasured as e:
+            rows.append(Row(cid, paper, section.replace("_", " "), "-", "-", f"not measured: {e}", None))
+    return sorted(rows, key=lambda r: (int("".join(c for c in r.id if c.isdigit()) or 0), r.id))
+
+
+# ---------------------------------------------------------------- output
+def markdown(rows: list[Row], title: str, extra: str = "") -> str:
+    held = sum(r.holds is True for r in rows)
+    lines = [f"# {title}", "", f"{held} of {len(rows)} claims hold "
+             f"({sum(r.holds is False for r in rows)} do not, {sum(r.holds is None for r in rows)} not measured). "
+             "Thresholds were fixed in the config before running (conf/experiment/paper.yaml).", "",
+             "| # | paper | claim | measured | threshold | value (mean±std over seeds) | holds |",
+             "|---|---|---|---|---|---|:---:|"]
+    for r in rows:
+        figs = " ".join(f"[fig]({f})" for f in r.figures)
+        lines.append(f"| {r.id} | {r.paper} | {r.claim} | {r.measured} | {r.threshold} | {r.value} {figs} | "
+                     f"{MARK[r.holds]} |")
+    return "\n".join(lines + ["", extra]).rstrip() + "\n"
+
+
+def write(rows: list[Row], out_dir: Path, title: str, extra: str = "") -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "claims.md", out_dir / "claims.json"
+    md.write_text(markdown(rows, title, extra))
+    js.write_text(json.dumps([asdict(r) for r in rows], indent=1, default=_json) + "\n")
+    return [md, js]
+
+
+def _json(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(repr(x))
+
+
+def table(rows: list[Row], width: int = 80):
+    """The console view: id, claim, value, mark, sized for `width` columns (claims.md has the rest)."""
+    from rich import box
+    from rich.table import Table
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, width=width)
+    t.add_column("#", no_wrap=True)
+    t.add_column("claim", ratio=3)
+    t.add_column("measured value", ratio=4)
+    t.add_column("", no_wrap=True)
+    for r in rows:
+        t.add_row(r.id, r.claim, r.value, MARK[r.holds])
+    return t
+
+
+def finite(x) -> bool:
+    return x is not None and math.isfinite(x)

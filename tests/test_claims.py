@@ -1,0 +1,211 @@
+"""The claim logic on synthetic records (sweep/claims.py): a claim that must hold holds, one that must
+fail fails, one whose trials are missing or unusable says so; and the protocol planner (sweep.parts)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from sweep import claims
+from sweep.claims import Records
+
+TH = {
+    "conservation": {"full_lr_ratio_min": 2.0, "block_lr_ratio_max": 2.0, "block_over_full_min": 10.0,
+                     "ngd_d_over_sqrt_ngd_d_min": 2.0},
+    "early_stopping": {"benefit_ratio_max": 0.5, "mode_order_ratio": 1.5},
+    "norms": {"ngd_d_norm_excess_min": 1.05},
+    "nonwhite": {"gap_ratio_min": 2.0},
+    "gains": {"trained_max": 1.15, "stuck_min": 2.07, "small_gains": [1e-4, 1e-6]},
+}
+SEEDS = (0, 1)
+
+
+def row(part, optimizer, seed=0, *, gain=0.1, lr=0.05, status="finished", converged=1.0, **metrics):
+    return {"run_id": f"{part}|{optimizer}|{seed}|{gain}|{lr}", "parts": part, "optimizer": optimizer,
+            "variant": f"{part}/{optimizer}", "gain": gain, "seed": seed, "status": status,
+            "run_status": "FINISHED" if status != "failed" else "FAILED", "converged": converged,
+            "config.optimizer.lr": json.dumps(lr), **metrics}
+
+
+def conservation_rows(full_ratio=4.0, block_ratio=1.1, block_drift=0.04):
+    out = []
+    for seed in SEEDS:
+        for rule in claims.FULL:
+            out += [row("conservation_lr", rule, seed, lr=0.05, max_conservation_drift=1e-3 * full_ratio),
+                    row("conservation_lr", rule, seed, lr=0.0125, max_conservation_drift=1e-3)]
+        for rule in claims.BLOCK:
+            out += [row("conservation_lr", rule, seed, lr=0.05, max_conservation_drift=block_drift * block_ratio),
+                    row("conservation_lr", rule, seed, lr=0.0125, max_conservation_drift=block_drift)]
+    return out
+
+
+def teacher_rows(part="teacher_student", ngd_d_drift=0.08, benefit=None, ngd_d_excess=1.2, gap=0.7, converged=1.0):
+    benefit = benefit or {"sgd": 0.47, "sqrt_ngd": 0.43, "sqrt_ngd_d": 0.43, "ngd": 0.03, "ngd_d": 0.03}
+    excess = {"sgd": 1.0, "ngd": 1.0, "sqrt_ngd": 1.0, "sqrt_ngd_d": 1.007, "ngd_d": ngd_d_excess}
+    drift = {"sgd": 1e-4, "ngd": 1e-4, "sqrt_ngd": 1e-4, "sqrt_ngd_d": 0.01, "ngd_d": ngd_d_drift}
+    return [row(part, r, s, converged=converged, conservation_drift=drift[r], final_norm_excess=excess[r],
+                early_stop_test_loss=0.3, final_test_loss=0.3 + benefit[r], final_train_loss=0.3 + benefit[r] - gap)
+            for s in SEEDS for r in excess]
+
+
+def by(rows_, rid):
+    return next(r for r in rows_ if r.id == rid)
+
+
+# ---------------------------------------------------------------- 1. conservation
+def test_conservation_holds_and_fails_on_the_numbers():
+    rec = Records(pd.DataFrame(conservation_rows() + teacher_rows()))
+    got = claims.conservation(rec, TH["conservation"])
+    assert [r.holds for r in got] == [True, True, True]
+    assert by(got, "1a").numbers["sgd"] == pytest.approx([4.0, 4.0])
+    assert by(got, "1c").numbers["ratio"] == pytest.approx([8.0, 8.0])
+    # a full rule whose drift does not fall with lr, a block rule whose drift does, NGD-d barely above
+    bad = Records(pd.DataFrame(conservation_rows(full_ratio=1.2, block_ratio=3.9) + teacher_rows(ngd_d_drift=0.015)))
+    assert [r.holds for r in claims.conservation(bad, TH["conservation"])] == [False, False, False]
+    # block drift that falls like the full rules' is not "broken" either, even with a ratio near 1
+    small = Records(pd.DataFrame(conservation_rows(block_drift=2e-3) + teacher_rows()))
+    assert by(claims.conservation(small, TH["conservation"]), "1b").holds is False
+
+
+def test_a_claim_without_usable_trials_is_a_row_that_says_why():
+    rows_ = teacher_rows(converged=0.0) + conservation_rows()
+    out = claims.evaluate(Records(pd.DataFrame(rows_)), {"conservation": TH["conservation"], "norms": TH["norms"]})
+    assert [(r.id, r.holds) for r in out] == [("1", None), ("6", None)]
+    assert "no usable ngd_d trial" in out[0].value and out[0].value.startswith("not measured")
+    failed = [dict(r, status="failed") if r["optimizer"] == "ngd_d" else r for r in teacher_rows()]
+    out = claims.evaluate(Records(pd.DataFrame(failed)), {"norms": TH["norms"]})
+    assert out[0].holds is None and "ngd_d" in out[0].value
+    out = claims.evaluate(Records(pd.DataFrame(teacher_rows())), {"gains": TH["gains"]})
+    assert out[0].holds is None and "mnist_gain" in out[0].value
+
+
+# ---------------------------------------------------------------- 5. early stopping, mode order
+def rise(t, t_half):
+    """A fitted fraction rising as a logistic from ~0 to 1, crossing 1/2 at t_half."""
+    return 1 / (1 + np.exp(-8 * (t - t_half)))
+
+
+def fit_histories(recs: list[dict], noise_half: dict, lr=0.05):
+    out = []
+    steps = np.arange(0, 2001)
+    for r in recs:
+        for key, th in (("signal_fit", 2.0), ("noise_fit", noise_half[r["optimizer"]])):
+            out += [(r["run_id"], key, int(s), float(v)) for s, v in zip(steps, rise(lr * steps, th))]
+    return pd.DataFrame(out, columns=["run_id", "key", "step", "value"])
+
+
+def test_half_fit_time_of_a_known_curve():
+    steps = np.arange(0, 1001)
+    assert claims.half_fit_time(steps, rise(0.01 * steps, 3.21), 0.01) == pytest.approx(3.21, abs=1e-4)
+    with pytest.raises(claims.NotMeasured, match="never reached"):
+        claims.half_fit_time(steps, 0.4 * rise(0.01 * steps, 3.21), 0.01)
+
+
+def test_early_stopping_and_mode_order():
+    recs = teacher_rows()
+    ordered = {"sgd": 6.0, "sqrt_ngd": 4.0, "ngd": 2.1, "ngd_d": 2.0, "sqrt_ngd_d": 4.0}
+    rec = Records(pd.DataFrame(recs), fit_histories(recs, ordered))
+    a, b = claims.early_stopping(rec, TH["early_stopping"])
+    assert (a.holds, b.holds) == (True, True)
+    assert b.numbers["sgd"] == pytest.approx([3.0, 3.0], rel=1e-3)
+    assert b.numbers["ngd"] == pytest.approx([1.05, 1.05], rel=1e-3)
+    # SGD learning its noise with the weakest signal; NGD overfitting no less than sqrtNGD gains
+    same = dict(ordered, sgd=2.1)
+    rec = Records(pd.DataFrame(teacher_rows(benefit={"sgd": 0.4, "sqrt_ngd": 0.4, "sqrt_ngd_d": 0.4, "ngd": 0.3,
+                                                     "ngd_d": 0.03})), fit_histories(recs, same))
+    a, b = claims.early_stopping(rec, TH["early_stopping"])
+    assert (a.holds, b.holds) == (False, False)
+
+
+# ---------------------------------------------------------------- 6, 7, 8
+def test_norms_nonwhite_and_gains():
+    white = teacher_rows()
+    rec = Records(pd.DataFrame(white + teacher_rows("teacher_student_nonwhite", gap=5.0)))
+    assert claims.norms(rec, TH["norms"])[0].holds is True
+    assert claims.nonwhite(rec, TH["nonwhite"])[0].holds is True
+    assert claims.nonwhite(rec, TH["nonwhite"])[0].numbers["ngd"] == pytest.approx([5 / 0.7] * 2)
+    rec = Records(pd.DataFrame(teacher_rows(ngd_d_excess=1.003) + teacher_rows("teacher_student_nonwhite", gap=1.0)))
+    assert claims.norms(rec, TH["norms"])[0].holds is False       # above the others, but not by 5 %
+    assert claims.nonwhite(rec, TH["nonwhite"])[0].holds is False  # 1.0 / 0.7 < 2
+
+    def mnist(sqrt_small=0.26, sgd_small=2.302):
+        out = []
+        for g, sgd, ngd_d, sq in ((1.0, 0.57, 0.21, 0.24), (1e-2, 2.30, 2.30, 0.25), (1e-4, sgd_small, 2.30, 0.25),
+                                  (1e-6, sgd_small, 2.30, sqrt_small)):
+            for s in SEEDS:
+                out += [row("mnist_gain", "sgd", s, gain=g, converged=None, final_test_loss=sgd),
+                        row("mnist_gain", "ngd_d", s, gain=g, converged=None, final_test_loss=ngd_d),
+                        row("mnist_gain", "sqrt_ngd_d", s, gain=g, converged=None, final_test_loss=sq)]
+        return Records(pd.DataFrame(out))
+    assert [r.holds for r in claims.gains(mnist(), TH["gains"])] == [True, True]
+    assert [r.holds for r in claims.gains(mnist(sqrt_small=1.9, sgd_small=0.9), TH["gains"])] == [False, False]
+
+
+# ---------------------------------------------------------------- output
+def test_claims_files_and_an_80_column_table(tmp_path):
+    recs = teacher_rows() + teacher_rows("teacher_student_nonwhite", gap=5.0) + conservation_rows()
+    rows_ = claims.evaluate(Records(pd.DataFrame(recs), fit_histories(teacher_rows(), {
+        "sgd": 6.0, "sqrt_ngd": 4.0, "ngd": 2.1, "ngd_d": 2.0, "sqrt_ngd_d": 4.0})), TH)
+    assert [r.id for r in rows_] == ["1a", "1b", "1c", "5a", "5b", "6", "7", "8"]
+    md, js = claims.write(rows_, tmp_path, "Paper claims: test")
+    text = md.read_text()
+    assert "7 of 8 claims hold (0 do not, 1 not measured)" in text
+    assert text.count("| ✓ |") == 7 and text.count("| ? |") == 1
+    data = json.loads(js.read_text())
+    assert [d["id"] for d in data] == [r.id for r in rows_] and data[0]["numbers"]["sgd"] == pytest.approx([4, 4])
+    console = Console(width=80, record=True)
+    console.print(claims.table(rows_))
+    lines = console.export_text().splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert sum("✓" in ln for ln in lines) == 7
+
+
+# ---------------------------------------------------------------- the protocol planner
+def plan(*args):
+    from sweep.cli import check_args
+    return check_args(["+experiment=paper", *args])
+
+
+def test_protocol_plans_every_part_with_its_budget():
+    trials = plan("sweep.budget=ci")
+    parts = {}
+    for t in trials:
+        for p in t.parts:
+            parts.setdefault(p, []).append(t)
+    assert set(parts) == {"teacher_student", "teacher_student_nonwhite", "conservation_lr", "mnist_gain"}
+    assert {t.seed for t in parts["teacher_student"]} == {0}                  # the ci budget's seeds
+    assert {t.optimizer for t in parts["teacher_student_nonwhite"]} == {"ngd", "sqrt_ngd", "ngd_d", "sqrt_ngd_d"}
+    assert all(t.variant.startswith(t.parts[0] + "/") for t in trials)
+    nonwhite = parts["teacher_student_nonwhite"][0].config["trainer"]
+    assert (nonwhite["whiten"], nonwhite["input_cov_cond"]) == (False, 100.0)  # each part's own experiment file
+    assert {t.config["trainer"]["steps"] for t in parts["mnist_gain"]} == {40}
+    default = plan()
+    assert len(default) > len(trials) and {t.seed for t in default if "teacher_student" in t.parts} == {0, 1, 2}
+    # the user's command line wins in every part
+    assert {t.config["trainer"]["gain"] for t in plan("sweep.budget=ci", "trainer.gain=0.2")} == {0.2}
+
+
+def test_a_trial_two_parts_share_runs_once():
+    trials = plan("sweep.budget=ci", "+sweep.parts.again={experiment:conservation_lr}")
+    shared = [t for t in trials if "again" in t.parts]
+    assert len(shared) == 10 and all(t.parts == ("conservation_lr", "again") for t in shared)
+    assert len({t.key for t in trials}) == len(trials)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sweep.budget=huge"], "sweep.budget is 'huge'. Fix: use one of ci, default, paper"),
+    (["+sweep.parts.x={experiment:nope}"], "sweep.parts.x.experiment is 'nope', not an experiment"),
+    (["+sweep.parts.x={experiment:smoke,extra:1}"], "sweep.parts.x must be {experiment: NAME"),
+    (["+sweep.parts.x={experiment:smoke,overrides:{default:['trainer.stepz=3']}}"], "sweep.parts.x.overrides.default cannot be composed"),
+    (["+sweep.parts.x={experiment:smoke,overrides:{default:['trainer.steps=-3']}}"], "(in sweep.parts.x)"),
+])
+def test_bad_protocols_fail_before_anything_starts(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        plan(*args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
