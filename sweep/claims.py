@@ -134,7 +134,7 @@ def conservation(rec: Records, th: dict) -> list[Row]:
                    f"max conservation drift at lr / drift at lr/{factor:g}, same time lr·steps",
                    f"≥ {th['full_lr_ratio_min']:g} for sgd, ngd, sqrt_ngd (first order: {factor:g})",
                    _ratio_text({r: ratios[r] for r in FULL}), full_ok,
-                   {r: ratios[r].tolist() for r in FULL}))
+                   {r: ratios[r].tolist() for r in FULL}, ["parts/conservation_lr/drift_and_norm_excess.png"]))
     full_small = max(float(small[r].max()) for r in FULL)
     block_ok = all(len(ratios[r]) and (ratios[r] <= th["block_lr_ratio_max"]).all()
                    and (small[r] >= th["block_over_full_min"] * full_small).all() for r in BLOCK)
@@ -144,7 +144,7 @@ def conservation(rec: Records, th: dict) -> list[Row]:
                    _ratio_text({r: ratios[r] for r in BLOCK})
                    + "; over full: " + _ratio_text({r: small[r] / full_small for r in BLOCK}), block_ok,
                    {r: {"lr_ratio": ratios[r].tolist(), "drift_small_lr": small[r].tolist()} for r in BLOCK}
-                   | {"full_max_drift_small_lr": full_small}))
+                   | {"full_max_drift_small_lr": full_small}, ["parts/conservation_lr/drift_and_norm_excess.png"]))
     ts = rec.part("teacher_student", converged=True)
     ngd_d, sqrt_d = rule_values(ts, "ngd_d", "conservation_drift"), rule_values(ts, "sqrt_ngd_d", "conservation_drift")
     r = (ngd_d / sqrt_d).dropna()
@@ -153,7 +153,8 @@ def conservation(rec: Records, th: dict) -> list[Row]:
                    f"≥ {th['ngd_d_over_sqrt_ngd_d_min']:g} on every seed",
                    f"{pm(r)} (NGD-d {pm(ngd_d)}, sqrtNGD-d {pm(sqrt_d)})",
                    bool(len(r)) and bool((r >= th["ngd_d_over_sqrt_ngd_d_min"]).all()),
-                   {"ratio": r.tolist(), "ngd_d": ngd_d.tolist(), "sqrt_ngd_d": sqrt_d.tolist()}))
+                   {"ratio": r.tolist(), "ngd_d": ngd_d.tolist(), "sqrt_ngd_d": sqrt_d.tolist()},
+                   ["parts/teacher_student/drift_and_norm_excess.png"]))
     return out
 
 
@@ -164,11 +165,15 @@ def early_stopping(rec: Records, th: dict) -> list[Row]:
                for r in ("sgd", "sqrt_ngd", "sqrt_ngd_d", "ngd", "ngd_d")}
     learners = min(float(benefit[r].mean()) for r in ("sgd", "sqrt_ngd", "sqrt_ngd_d"))
     worst = max(float(benefit[r].mean()) for r in ("ngd", "ngd_d"))
-    rows = [Row("5a", "§6, Fig 4C", "early stopping helps SGD, sqrtNGD, sqrtNGD-d; NGD, NGD-d overfit from the start",
+    return [Row("5a", "§6, Fig 4C", "early stopping helps SGD, sqrtNGD, sqrtNGD-d; NGD, NGD-d overfit from the start",
                 "benefit = final test loss − lowest test loss (teacher_student, converged)",
                 f"NGD's and NGD-d's mean benefit ≤ {th['benefit_ratio_max']:g}× the smallest of the others'",
                 _ratio_text(benefit), learners > 0 and worst <= th["benefit_ratio_max"] * learners,
                 {r: v.tolist() for r, v in benefit.items()}, ["parts/teacher_student/learning_curves.png"])]
+
+
+def mode_order(rec: Records, th: dict) -> list[Row]:
+    ts = rec.part("teacher_student", converged=True)
     order = {}
     for rule in ("sgd", "sqrt_ngd", "ngd"):
         sel = ts[ts["optimizer"] == rule]
@@ -179,12 +184,11 @@ def early_stopping(rec: Records, th: dict) -> list[Row]:
                                  for _, run in sel.iterrows()], dtype=float)
     m = th["mode_order_ratio"]
     holds = bool((order["sgd"] >= m).all() and (order["sqrt_ngd"] >= m).all() and (order["ngd"] < m).all())
-    rows.append(Row("5b", "§6, Fig 4D", "SGD, sqrtNGD learn signal modes before noise; NGD all at once",
+    return [Row("5b", "§6, Fig 4D", "SGD, sqrtNGD learn signal modes before noise; NGD all at once",
                     "time to fit half the training target's noise modes / its weakest signal mode",
                     f"≥ {m:g} for sgd and sqrt_ngd, < {m:g} for ngd",
                     _ratio_text(order), holds, {r: v.tolist() for r, v in order.items()},
-                    ["parts/teacher_student/modes.png"]))
-    return rows
+                    ["claims_fig4d.png"])]
 
 
 # ---------------------------------------------------------------- 6. Fig 5: norms
@@ -246,27 +250,75 @@ def gains(rec: Records, th: dict) -> list[Row]:
 
 
 # ---------------------------------------------------------------- the suite
-CLAIMS: dict[str, tuple[str, str, Callable[[Records, dict], list[Row]]]] = {
-    # threshold section -> (id, paper, claim function); in the order of issue 9's list
-    "conservation": ("1", "Thm 1, eq 15", conservation),
-    "early_stopping": ("5", "Fig 4", early_stopping),
-    "norms": ("6", "Fig 5", norms),
-    "nonwhite": ("7", "S.I.1", nonwhite),
-    "gains": ("8", "S.I.3", gains),
-}
+CLAIMS: list[tuple[str, str, str, Callable[[Records, dict], list[Row]]]] = [
+    # (threshold section, id, paper, claim function), in the order of issue 9's list
+    ("conservation", "1", "Thm 1, eq 15", conservation),
+    ("early_stopping", "5a", "Fig 4C", early_stopping),
+    ("early_stopping", "5b", "Fig 4D", mode_order),
+    ("norms", "6", "Fig 5", norms),
+    ("nonwhite", "7", "S.I.1", nonwhite),
+    ("gains", "8", "S.I.3", gains),
+]
 
 
 def evaluate(rec: Records, thresholds: dict) -> list[Row]:
     """Every claim with thresholds in the config, in order; one that cannot be measured is a "?" row."""
     rows = []
-    for section, (cid, paper, check) in CLAIMS.items():
+    for section, cid, paper, check in CLAIMS:
         if section not in thresholds:
             continue
         try:
             rows += check(rec, thresholds[section])
         except NotMeasured as e:
-            rows.append(Row(cid, paper, section.replace("_", " "), "-", "-", f"not measured: {e}", None))
+            rows.append(Row(cid, paper, check.__name__.replace("_", " "), "-", "-", f"not measured: {e}", None))
     return sorted(rows, key=lambda r: (int("".join(c for c in r.id if c.isdigit()) or 0), r.id))
+
+
+# ---------------------------------------------------------------- figures
+def plot_fig4d(rec: Records, path: Path) -> bool:
+    """Fig 4D as measured: the fitted fraction of the training target's signal modes (the weakest) and
+    noise modes (their mean) vs time t = lr * step, per rule, one line per seed; 1/2 is where 5b reads
+    the times."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    try:
+        ts = rec.part("teacher_student", converged=True)
+    except NotMeasured:
+        return False
+    rules = [r for r in ("sgd", "sqrt_ngd", "sqrt_ngd_d", "ngd", "ngd_d") if (ts["optimizer"] == r).any()]
+    if not rules or not rec.histories["key"].isin(["signal_fit", "noise_fit"]).any():
+        return False
+    fig, axes = plt.subplots(1, len(rules), figsize=(3.1 * len(rules), 3.2), sharey=True, squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        for _, run in ts[ts["optimizer"] == rule].iterrows():
+            lr = config_value(run, "optimizer.lr")
+            for key, color in (("signal_fit", "tab:blue"), ("noise_fit", "crimson")):
+                steps, values = rec.history(run["run_id"], key)
+                keep = steps > 0
+                ax.plot(lr * steps[keep], values[keep], color=color, lw=1.4, alpha=0.8,
+                        label=("weakest signal mode" if key == "signal_fit" else "noise modes (mean)"))
+        ax.axhline(0.5, color="0.4", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(rule)
+        ax.set_xlabel("time t = lr · step")
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[0][0].set_ylabel("fitted fraction of the target")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles[:2], labels[:2], loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Fig 4D, measured (teacher_student): signal before noise?", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+FIGURES = {"claims_fig4d.png": plot_fig4d}
+
+
+def figures(rec: Records, out_dir: Path) -> list[Path]:
+    """The claims' own figures (those with something to draw)."""
+    return [out_dir / name for name, draw in FIGURES.items() if draw(rec, out_dir / name)]
 
 
 # ---------------------------------------------------------------- output

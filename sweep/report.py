@@ -625,7 +625,7 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
 
     signal_keys = sorted(c for c in df.columns if c.startswith("signal_mode."))
     keys = [k for k in ("train_loss", "test_loss", "test_accuracy", "conservation_drift", "norm_excess",
-                        "noise_mode", "update_norm", *signal_keys) if k in df]
+                        "noise_mode", "update_norm", "signal_fit", "noise_fit", *signal_keys) if k in df]
     h = histories(tr, df, keys, src.streamed)
     if parts:  # a protocol: each part's own table and figures, then the claims
         files = []
@@ -637,6 +637,7 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
             summarize(sub).to_csv(part_dir / "summary.csv", index=False)
             files += [part_dir / "summary.csv", *figures(sub, h, part_dir, f"{src.experiment}: {part}", signal_keys)]
         rows = claims.evaluate(claims.Records(df, h), src.claims.get("thresholds", {}))
+        files += claims.figures(claims.Records(df, h), out_dir)
         files += claims.write(rows, out_dir, f"Paper claims: {title}")
         console.print(f"[bold]{title}: paper claims[/] (claims.md has the thresholds and figures)", highlight=False)
         console.print(claims.table(rows, WIDTH))
