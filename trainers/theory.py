@@ -85,7 +85,8 @@ def _closed_form_p(p: float) -> float:
 
 
 def closed_form(p: float, sigma_star: float, eta_bar: float, t, sigma0: float = 0.0) -> np.ndarray:
-    """sigma(t) solving eq 17 for p in {0, 1/2, 1} (Fig 2) from sigma(0) = sigma0 (0 <= sigma0 < sigma*).
+    """sigma(t) solving eq 17 for p in {0, 1/2, 1} (Fig 2) from sigma(0) = sigma0 < sigma* (sigma0 >= 0 for
+    p > 0; the linear p = 0 dynamics also starts from a negative projection).
 
     The paper's forms start at sigma(0) = 0 (p < 1) and are shifted in time to start at sigma0:
     p = 0: sigma* - (sigma* - sigma0) e^(-eta_bar t);
@@ -96,8 +97,8 @@ def closed_form(p: float, sigma_star: float, eta_bar: float, t, sigma0: float = 
     s, eta, s0 = float(sigma_star), float(eta_bar), float(sigma0)
     if not s > 0:
         raise ValueError(f"sigma_star={s} must be > 0")
-    if not 0 <= s0 < s:
-        raise ValueError(f"sigma0={s0} must be in [0, sigma_star={s})")
+    if not (s0 < s and (s0 >= 0 or p == 0.0)):
+        raise ValueError(f"sigma0={s0} must be in [0, sigma_star={s}) (p = 0: any value below sigma_star)")
     t = np.asarray(t, dtype=float)
     if p == 0.0:
         return s - (s - s0) * np.exp(-eta * t)
@@ -118,8 +119,9 @@ def half_max_time_theory(p: float, sigma_star: float, eta_bar: float, sigma0: fl
     u = log x (p >= 1), which removes the x^(-p) end-point singularity.
     """
     s, eta, s0 = float(sigma_star), float(eta_bar), float(sigma0)
-    if not (s > 0 and eta > 0 and 0 <= s0 < s / 2):
-        raise ValueError(f"need sigma_star > 0, eta_bar > 0, 0 <= sigma0 < sigma_star / 2; got {s}, {eta}, {s0}")
+    if not (s > 0 and eta > 0 and s0 < s / 2 and (s0 >= 0 or abs(p) < 1e-12)):
+        raise ValueError(f"need sigma_star > 0, eta_bar > 0, 0 <= sigma0 < sigma_star / 2 (p = 0: any sigma0 "
+                         f"< sigma_star / 2); got {s}, {eta}, {s0}")
     x0 = s0 / s
     scale = 1.0 / (eta * s ** p)
     if abs(p) < 1e-12:
