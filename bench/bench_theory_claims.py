@@ -61,20 +61,15 @@ def map_dynamics() -> dict:
                "steps": records[-1]["step"], "converged": records[-1]["converged"], "wall_s": round(wall, 2),
                "max_conservation_drift": records[-1]["metrics"]["max_conservation_drift"], "modes": []}
         for s, values in zip(targets, modes):
-            p, eta = theory.history_map_exponent(steps, values, lr, s)
-            mode = {"sigma_star": s, "p": p, "eta_bar_ratio": eta / eta_th, "sigma0": values[0],
-                    "t_half": theory.history_half_max_time(steps, values, lr, s),
-                    "t_window": theory.history_window_time(steps, values, lr, s),
-                    "t_window_theory": theory.half_max_time_theory(p_th, s, eta_th / lr, theory.WINDOW[0] * s)}
-            if any(abs(p_th - c) < 1e-12 for c in theory.CLOSED_FORM_P):
-                mode["closed_form_error"] = theory.history_closed_form_error(steps, values, lr, d, q, s)
+            mode = {"sigma_star": s, "sigma0": values[0], **theory.history_mode_summary(steps, values, lr, d, q, s)}
+            mode["eta_bar_ratio"] = mode["eta_bar"] / eta_th
             row["modes"].append(mode)
         row["half_max_slope"] = theory.fit_power(targets, [m["t_half"] for m in row["modes"]])
         row["window_slope"] = theory.fit_power(targets, [m["t_window"] for m in row["modes"]])
         rows.append(row)
         print(f"{trial.variant:50s} p_th {p_th:.4f} | " + " | ".join(
             f"s*={m['sigma_star']:g}: p {m['p']:.4f} eta/th {m['eta_bar_ratio']:.4f}"
-            + (f" cf {m['closed_form_error']:.1e}" if "closed_form_error" in m else "") for m in row["modes"])
+            + (f" cf {m['closed_form_error']:.1e}" if m["closed_form_error"] is not None else "") for m in row["modes"])
             + f" | slopes half {row['half_max_slope']:+.3f} window {row['window_slope']:+.3f} (-p {-p_th:+.3f})"
             + f" | {row['steps']} steps {wall:.1f} s", flush=True)
     return {"trials": rows, "wall_s": round(sum(r["wall_s"] for r in rows), 1)}

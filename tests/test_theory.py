@@ -182,8 +182,14 @@ def test_history_functions_on_an_integrated_mode():
     assert th.history_closed_form_error(steps, values, lr, d, q, sigma_star) < 1e-9
     # the wrong rule (q = inf, p = 1 at d = 2) misses by a lot: the check can fail
     assert th.history_closed_form_error(steps, values, lr, d, math.inf, sigma_star) > 0.05
+    shuffled = np.random.default_rng(0).permutation(len(steps))  # a store may return records out of order
+    assert th.history_map_exponent(steps[shuffled], values[shuffled], lr, sigma_star) == (p_fit, eta_fit)
     t_half = th.history_half_max_time(steps, values, lr, sigma_star)
     assert t_half == pytest.approx(th.half_max_time_theory(p, sigma_star, rate / lr, 0.01), rel=1e-3)
+    summary = th.history_mode_summary(steps, values, lr, d, q, sigma_star)
+    assert (summary["p"], summary["eta_bar"], summary["t_half"]) == (p_fit, eta_fit, t_half)
+    assert summary["p_theory"] == p and summary["eta_bar_theory"] == rate and summary["closed_form_error"] < 1e-9
+    assert th.history_mode_summary(steps, values, lr, d, 4.0, sigma_star)["closed_form_error"] is None  # p = 3/4
     window = th.history_window_time(steps, values, lr, sigma_star)
     assert window == pytest.approx(th.half_max_time_theory(p, sigma_star, rate / lr, th.WINDOW[0] * sigma_star),
                                    rel=1e-3)

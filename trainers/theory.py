@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["map_exponent", "calibrated_lr", "speed_exponent", "closed_form", "half_max_time_theory",
            "fit_map_exponent", "half_max_time", "fit_power", "CLOSED_FORM_P", "WINDOW",
            "history_map_exponent", "history_closed_form_error", "history_half_max_time",
-           "history_window_time", "speed_exponent_measured"]
+           "history_window_time", "history_mode_summary", "speed_exponent_measured"]
 
 CLOSED_FORM_P = (0.0, 0.5, 1.0)  # the exponents with the closed forms of Fig 2
 WINDOW = (0.1, 0.9)              # default fit window of sigma / sigma* (see fit_map_exponent)
@@ -216,11 +216,15 @@ def fit_power(x, y) -> float:
 # --- on a trial's recorded history -------------------------------------------------------------------
 
 def _history(steps, values, lr):
+    """(t = lr * step, values), ordered by step (a tracking store need not return them in order)."""
     steps = np.asarray(steps, dtype=float)
     values = np.asarray(values, dtype=float)
     if not (float(lr) > 0 and math.isfinite(float(lr))):
         raise ValueError(f"lr={lr} must be a positive finite number (optimizer.lr of the trial)")
-    return _trajectory(float(lr) * steps, values)
+    if steps.shape != values.shape:
+        raise ValueError(f"steps and values must have the same length, got {steps.shape}, {values.shape}")
+    order = np.argsort(steps, kind="stable")
+    return _trajectory(float(lr) * steps[order], values[order])
 
 
 def history_map_exponent(steps, values, lr: float, sigma_star: float, lo: float = WINDOW[0],
@@ -273,6 +277,23 @@ def history_window_time(steps, values, lr: float, sigma_star: float, lo: float =
     escape from the saddle (= half_max_time_theory(p, sigma*, eta_bar, lo * sigma*))."""
     t, sigma = _history(steps, values, lr)
     return _crossing(t, sigma, 0.5 * float(sigma_star)) - _crossing(t, sigma, lo * float(sigma_star))
+
+
+def history_mode_summary(steps, values, lr: float, depth: int, q: float, sigma_star: float) -> dict:
+    """Everything above for one teacher mode of one trial, with the theory beside each measurement:
+    ``p``/``p_theory``, ``eta_bar``/``eta_bar_theory`` (per step), ``closed_form_error`` (None unless p
+    is 0, 1/2 or 1), ``t_half`` (t = lr * step, from the init; escape-dominated for p > 0, see
+    half_max_time_theory), ``t_window``/``t_window_theory`` (0.1 sigma* -> sigma*/2)."""
+    p_th = map_exponent(depth, q)
+    p, eta = history_map_exponent(steps, values, lr, sigma_star)
+    closed = None
+    if any(abs(p_th - c) < 1e-12 for c in CLOSED_FORM_P):
+        closed = history_closed_form_error(steps, values, lr, depth, q, sigma_star)
+    return {"p": p, "p_theory": p_th, "eta_bar": eta, "eta_bar_theory": calibrated_lr(lr, depth, q),
+            "closed_form_error": closed, "t_half": history_half_max_time(steps, values, lr, sigma_star),
+            "t_window": history_window_time(steps, values, lr, sigma_star),
+            "t_window_theory": half_max_time_theory(p_th, sigma_star, calibrated_lr(1.0, depth, q),
+                                                    WINDOW[0] * float(sigma_star))}
 
 
 def speed_exponent_measured(gains, update_norms, lr: float) -> float:
