@@ -6,7 +6,8 @@ Tolerances come from the discretisation of the flow, not from these runs. Each e
 the fastest mode's per-step rate rho = eta_bar sigma*_max^p is <= 0.01 (sgd 0.032). A discrete step
 changes a balanced mode's layers by delta / sigma_i = (rho / d)(1 - x) x^(p-1) (x = sigma / sigma*), and
 the map's step then differs from the flow's by a factor 1 + (d-1)/2 delta / sigma_i, plus Euler's
-rho x^p (1 + p) / 2: ``_step_error`` below, <= 0.034 at the window's low end for p = 0, depth 4. A rate
+rho x^p (1 + p) / 2: ``_step_error`` below: at depth 4 0.039 for q = 1 (p = 0, at the window's low end),
+0.009-0.012 for q = 1.5-4, 0.035 for sgd (at the top, Euler). A rate
 error e across the window moves the fitted p by up to e / log(hi / lo) and eta_bar by about e. The
 eq-17 reduction also ignores the random init's components off the teacher's modes: ``_alignment``, the
 initial map's size gain^d relative to the weakest target: a scale, not a bound. Measured beyond it
