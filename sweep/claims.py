@@ -49,6 +49,7 @@ class NotMeasured(Exception):
 class Records:
     trials: pd.DataFrame
     histories: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["run_id", "key", "step", "value"]))
+    cache: dict = field(default_factory=dict, repr=False)  # measurements several claims and figures share
 
     def part(self, name: str, converged: bool = False) -> pd.DataFrame:
         """The usable trials of one protocol part: finished (not diverged or failed) and, with
@@ -158,6 +159,122 @@ def conservation(rec: Records, th: dict) -> list[Row]:
     return out
 
 
+# ---------------------------------------------------------------- 2, 3. map dynamics (eq 17, Table 1, Fig 2)
+def _mode_summaries(rec: Records) -> pd.DataFrame:
+    """One row per (trial, teacher mode) of part map_dynamics: depth, q, seed, sigma*, and what
+    trainers.theory measures on the mode's history beside the theory (p, eta_bar, closed form, times)."""
+    if "modes" in rec.cache:
+        return rec.cache["modes"]
+    from trainers import theory
+    df = rec.part("map_dynamics", converged=True)
+    if df.empty:
+        raise NotMeasured("no converged trial in part map_dynamics")
+    out = []
+    for _, run in df.iterrows():
+        d, q, lr = int(config_value(run, "trainer.depth")), config_value(run, "optimizer.q"), config_value(run, "optimizer.lr")
+        for k, s in enumerate(json.loads(run["config.trainer.teacher_singular_values"]), start=1):
+            steps, values = rec.history(run["run_id"], f"signal_mode.k{k}")
+            if len(steps) < 3:
+                raise NotMeasured(f"no signal_mode.k{k} history of {run['variant']}")
+            try:
+                m = theory.history_mode_summary(steps, values, lr, d, q, float(s))
+            except ValueError as e:
+                raise NotMeasured(f"{run['variant']} mode {k}: {e}") from None
+            out.append({"depth": d, "q": q, "seed": run["seed"], "k": k, "sigma_star": float(s), "lr": lr,
+                        "run_id": run["run_id"], **m})
+    rec.cache["modes"] = pd.DataFrame(out)
+    return rec.cache["modes"]
+
+
+def _q_label(q: float) -> str:
+    return "∞" if math.isinf(q) else f"{q:g}"
+
+
+def map_exponent(rec: Records, th: dict) -> list[Row]:
+    m = _mode_summaries(rec)
+    m["p_err"] = (m["p"] - m["p_theory"]).abs()
+    m["eta_err"] = (m["eta_bar"] / m["eta_bar_theory"] - 1).abs()
+    cells = m.groupby(["depth", "q"]).agg(p=("p", "mean"), p_std=("p", "std"), p_theory=("p_theory", "first"),
+                                          eta=("eta_bar", "mean"), eta_theory=("eta_bar_theory", "first"))
+    worst_p = m.loc[m["p_err"].idxmax()]
+    worst_eta = m.loc[m["eta_err"].idxmax()]
+    numbers = {f"d={d} q={_q_label(q)}": {"p": r.p, "p_theory": r.p_theory, "eta_bar": r.eta,
+                                           "eta_bar_theory": r.eta_theory} for (d, q), r in cells.iterrows()}
+    return [Row("2a", "eq 17, Table 1", "map exponent p = 2(d-1)(q-1)/(dq)",
+                "p fitted to each teacher mode's σ̄(t) (d 2-4 × q 1, 1.5, 2, 4, ∞)",
+                f"|p − theory| ≤ {th['p_abs_err']:g} for every mode", f"max |Δp| {m['p_err'].max():.3f} "
+                f"(d={worst_p.depth} q={_q_label(worst_p.q)}), mean {m['p_err'].mean():.3f}",
+                bool((m["p_err"] <= th["p_abs_err"]).all()), numbers, ["claims_table1.md", "claims_fig2.png"]),
+            Row("2b", "eq 17", "depth-calibrated rate η̄ = η d^(1-1/q)", "η̄ fitted with p, per mode",
+                f"|η̄ / theory − 1| ≤ {th['eta_rel_err']:g} for every mode",
+                f"max {m['eta_err'].max():.3f} (d={worst_eta.depth} q={_q_label(worst_eta.q)}), "
+                f"mean {m['eta_err'].mean():.3f}", bool((m["eta_err"] <= th["eta_rel_err"]).all()), numbers,
+                ["claims_table1.md"])]
+
+
+def closed_forms(rec: Records, th: dict) -> list[Row]:
+    from trainers import theory
+    m = _mode_summaries(rec)
+    closed = m[m["closed_form_error"].notna()]
+    if closed.empty:
+        raise NotMeasured("no map_dynamics trial with p in {0, 1/2, 1}")
+    by_p = {f"p={p:g}": closed.loc[np.isclose(closed["p_theory"], p), "closed_form_error"] for p in theory.CLOSED_FORM_P}
+    rows = [Row("3a", "Fig 2", "closed forms for p = 0, ½, 1 match the dynamics",
+                "max |σ̄(t) − closed form| / σ̄* from σ̄ = 0.1 σ̄* on (theory's p and η̄, nothing fitted)",
+                f"≤ {th['closed_form_max_err']:g} for every mode", _ratio_text(by_p),
+                bool((closed["closed_form_error"] <= th["closed_form_max_err"]).all()),
+                {k: v.tolist() for k, v in by_p.items()}, ["claims_fig2.png"])]
+    slopes = []
+    for (d, q, seed), g in m.groupby(["depth", "q", "seed"]):
+        if len(g) < 2:
+            continue
+        slopes.append({"depth": d, "q": q, "p": g["p_theory"].iloc[0],
+                       "window": theory.fit_power(g["sigma_star"], g["t_window"]),
+                       "init": theory.fit_power(g["sigma_star"], g["t_half"]) if (g["t_half"] > 0).all() else math.nan})
+    if not slopes:
+        raise NotMeasured("map_dynamics needs two or more teacher modes per trial")
+    s = pd.DataFrame(slopes)
+    s["window_err"] = (s["window"] + s["p"]).abs()
+    small = s[s["p"] < 1]
+    rows.append(Row("3b", "§4.2, Fig 2", "learning time scales as σ̄*^(-p)",
+                    "slope of log time (0.1 σ̄* → σ̄*/2) vs log σ̄* over the modes of one trial",
+                    f"|slope + p| ≤ {th['slope_abs_err']:g} for every (d, q)",
+                    f"max |slope + p| {s['window_err'].max():.3f}", bool((s["window_err"] <= th["slope_abs_err"]).all()),
+                    {"slopes": s.to_dict("records")}, ["claims_table1.md"]))
+    rows.append(Row("3c", "§4.2", "from a small init: half-max time ∝ σ̄*^(-p) for p < 1; escape dominates for p ≥ 1",
+                    "slope of log half-max time (from the init) vs log σ̄*",
+                    f"|slope + p| ≤ {th['slope_abs_err']:g} where p < 1 (p ≥ 1: listed, escape-dominated)",
+                    "p<1: " + ", ".join(f"{r.init:+.2f} (p {r.p:.2f})" for r in small.itertuples())
+                    + "; p≥1: " + ", ".join(f"{r.init:+.2f} (p {r.p:.2f})" for r in s[s['p'] >= 1].itertuples()),
+                    bool(len(small)) and bool(((small["init"] + small["p"]).abs() <= th["slope_abs_err"]).all()),
+                    {"slopes": s.to_dict("records")}, ["claims_table1.md"]))
+    return rows
+
+
+# ---------------------------------------------------------------- 4. update speed as ||j|| -> 0
+def update_speed(rec: Records, th: dict) -> list[Row]:
+    from trainers import theory
+    df = rec.part("update_speed")
+    measured, expected, numbers = {}, {}, {}
+    for rule in FULL + BLOCK:
+        sel = df[df["optimizer"] == rule]
+        if sel["gain"].nunique() < 2:
+            raise NotMeasured(f"update_speed needs {rule} at two or more gains")
+        ks = [theory.speed_exponent_measured(g["gain"], g["update_norm"], config_value(g.iloc[0], "optimizer.lr"))
+              for _, g in sel.groupby("seed")]
+        r0 = sel.iloc[0]
+        expected[rule] = theory.speed_exponent(int(config_value(r0, "trainer.depth")), config_value(r0, "optimizer.q"),
+                                               "block" if rule.endswith("_d") else "full")
+        measured[rule] = pd.Series(ks)
+        numbers[rule] = {"measured": ks, "theory": expected[rule]}
+    err = max(float((measured[r] - expected[r]).abs().max()) for r in measured)
+    return [Row("4", "eq 7, 11, 13, 14, 19-20", "update speed vanishes (SGD), explodes (NGD, NGD-d), stays finite (sqrtNGD, -d)",
+                "k in speed ~ gain^k as gain → 0 (first step, gains 1e-1…1e-4)",
+                f"|k − theory| ≤ {th['exponent_abs_err']:g} for every rule and seed",
+                ", ".join(f"{r} {pm(measured[r])} ({expected[r]:+g})" for r in measured), err <= th["exponent_abs_err"],
+                numbers, ["claims_speed.png"])]
+
+
 # ---------------------------------------------------------------- 5. Fig 4: early stopping, mode order
 def early_stopping(rec: Records, th: dict) -> list[Row]:
     ts = rec.part("teacher_student", converged=True)
@@ -253,6 +370,9 @@ def gains(rec: Records, th: dict) -> list[Row]:
 CLAIMS: list[tuple[str, str, str, Callable[[Records, dict], list[Row]]]] = [
     # (threshold section, id, paper, claim function), in the order of issue 9's list
     ("conservation", "1", "Thm 1, eq 15", conservation),
+    ("map_exponent", "2", "eq 17, Table 1", map_exponent),
+    ("closed_forms", "3", "Fig 2", closed_forms),
+    ("update_speed", "4", "eq 7-20", update_speed),
     ("early_stopping", "5a", "Fig 4C", early_stopping),
     ("early_stopping", "5b", "Fig 4D", mode_order),
     ("norms", "6", "Fig 5", norms),
@@ -313,12 +433,116 @@ def plot_fig4d(rec: Records, path: Path) -> bool:
     return True
 
 
-FIGURES = {"claims_fig4d.png": plot_fig4d}
+def table1_markdown(rec: Records) -> str | None:
+    """The measured Table 1: p (mean over modes and seeds) and eta_bar / theory per depth x q."""
+    try:
+        m = _mode_summaries(rec)
+    except NotMeasured:
+        return None
+    qs = sorted(m["q"].unique())
+    lines = ["## Table 1, measured (map_dynamics)", "",
+             "p fitted to each teacher mode's σ̄(t) (mean over modes and seeds; theory in brackets), then "
+             "η̄ measured / η̄ = η d^(1-1/q):", "",
+             "| d | " + " | ".join(f"q = {_q_label(q)}" for q in qs) + " |", "|---|" + "---:|" * len(qs)]
+    for d in sorted(m["depth"].unique()):
+        cells = []
+        for q in qs:
+            g = m[(m["depth"] == d) & (m["q"] == q)]
+            cells.append("" if g.empty else f"{g['p'].mean():.3f} ({g['p_theory'].iloc[0]:.3f}); "
+                         f"η̄ {(g['eta_bar'] / g['eta_bar_theory']).mean():.3f}")
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_fig2(rec: Records, path: Path) -> bool:
+    """Fig 2 as measured: sigma(t) / sigma* of each mode with p in {0, 1/2, 1} (solid) and the closed form
+    started where the mode enters the fit window (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainers import theory
+    try:
+        m = _mode_summaries(rec)
+    except NotMeasured:
+        return False
+    m = m[m["closed_form_error"].notna() & (m["seed"] == m["seed"].min())]
+    if m.empty:
+        return False
+    ps = [p for p in theory.CLOSED_FORM_P if np.isclose(m["p_theory"], p).any()]
+    fig, axes = plt.subplots(1, len(ps), figsize=(4.2 * len(ps), 3.3), squeeze=False)
+    for ax, p in zip(axes[0], ps):
+        sel = m[np.isclose(m["p_theory"], p)]
+        (d, q), first = next(iter(sel.groupby(["depth", "q"])))
+        for i, (_, r) in enumerate(first.iterrows()):
+            steps, values = rec.history(r["run_id"], f"signal_mode.k{int(r['k'])}")
+            t, s = r["lr"] * steps, values / r["sigma_star"]
+            color = plt.get_cmap("viridis")(0.25 * i)
+            ax.plot(t[t > 0], s[t > 0], color=color, lw=2, label=f"σ̄* = {r['sigma_star']:g}")
+            start = int(np.argmax(s >= theory.WINDOW[0]))
+            rate = theory.calibrated_lr(1.0, int(d), float(q))
+            model = theory.closed_form(p, r["sigma_star"], rate, t[start:] - t[start], min(values[start], r["sigma_star"] * (1 - 1e-12)))
+            ax.plot(t[start:], model / r["sigma_star"], color="black", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"p = {p:g} (d = {d}, q = {_q_label(q)})", fontsize=9)
+        ax.set_xlabel("time t = lr · step")
+        ax.grid(alpha=0.3, lw=0.5)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("σ̄(t) / σ̄*")
+    fig.suptitle("Fig 2, measured: the trainer's modes (solid) and the closed forms (dashed, from σ̄ = 0.1 σ̄*)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_speed(rec: Records, path: Path) -> bool:
+    """Update speed ||D|| at the first step vs gain, per rule (seed mean), with the theory's slope."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainers import theory
+    try:
+        df = rec.part("update_speed")
+    except NotMeasured:
+        return False
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for i, rule in enumerate(FULL + BLOCK):
+        sel = df[df["optimizer"] == rule]
+        if sel.empty:
+            continue
+        lr = config_value(sel.iloc[0], "optimizer.lr")
+        g = (pd.to_numeric(sel["update_norm"]) / lr).groupby(sel["gain"]).mean().sort_index()
+        k = theory.speed_exponent(int(config_value(sel.iloc[0], "trainer.depth")), config_value(sel.iloc[0], "optimizer.q"),
+                                  "block" if rule.endswith("_d") else "full")
+        color = plt.get_cmap("tab10")(i)
+        ax.plot(g.index, g.values, "o-" if rule in FULL else "s--", color=color, label=f"{rule} (theory k = {k:+g})")
+        ax.plot(g.index, g.values[-1] * (g.index / g.index[-1]) ** k, color=color, lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("initial gain (||j|| ~ gain^(d-1))")
+    ax.set_ylabel("update speed ||D|| (first step)")
+    ax.set_title("eq 7-14, 19-20: update speed as the weights → 0 (dotted: theory's slope)", fontsize=9)
+    ax.grid(alpha=0.3, which="both", lw=0.5)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+FIGURES = {"claims_fig2.png": plot_fig2, "claims_speed.png": plot_speed, "claims_fig4d.png": plot_fig4d}
 
 
 def figures(rec: Records, out_dir: Path) -> list[Path]:
-    """The claims' own figures (those with something to draw)."""
-    return [out_dir / name for name, draw in FIGURES.items() if draw(rec, out_dir / name)]
+    """The claims' own figures (those with something to draw) and the measured Table 1."""
+    out = [out_dir / name for name, draw in FIGURES.items() if draw(rec, out_dir / name)]
+    table = table1_markdown(rec)
+    if table:
+        (out_dir / "claims_table1.md").write_text(table)
+        out.append(out_dir / "claims_table1.md")
+    return out
 
 
 # ---------------------------------------------------------------- output

@@ -636,9 +636,10 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
             part_dir.mkdir(parents=True, exist_ok=True)
             summarize(sub).to_csv(part_dir / "summary.csv", index=False)
             files += [part_dir / "summary.csv", *figures(sub, h, part_dir, f"{src.experiment}: {part}", signal_keys)]
-        rows = claims.evaluate(claims.Records(df, h), src.claims.get("thresholds", {}))
-        files += claims.figures(claims.Records(df, h), out_dir)
-        files += claims.write(rows, out_dir, f"Paper claims: {title}")
+        records = claims.Records(df, h)
+        rows = claims.evaluate(records, src.claims.get("thresholds", {}))
+        files += claims.figures(records, out_dir)
+        files += claims.write(rows, out_dir, f"Paper claims: {title}", claims.table1_markdown(records) or "")
         console.print(f"[bold]{title}: paper claims[/] (claims.md has the thresholds and figures)", highlight=False)
         console.print(claims.table(rows, WIDTH))
         tr.set_tags(_handle(src.parent_id), {"mlflow.note.content": (out_dir / "claims.md").read_text()[:7900]})

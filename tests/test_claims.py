@@ -86,6 +86,79 @@ def test_a_claim_without_usable_trials_is_a_row_that_says_why():
     assert out[0].holds is None and "mnist_gain" in out[0].value
 
 
+# ---------------------------------------------------------------- 2, 3, 4 (map dynamics, update speed)
+def map_rows(p_shift=0.0, rate_factor=1.0, depths=(2, 4), qs=(1.0, 2.0, math.inf), sigmas=(4.0, 2.0, 1.0)):
+    """map_dynamics trials whose mode histories are eq 17 integrated numerically (scipy, tight tolerances)
+    from a small start, with the exponent shifted by `p_shift` and the rate scaled by `rate_factor`:
+    0 and 1 give the paper's dynamics, anything else a rule that does not follow it."""
+    from scipy.integrate import solve_ivp
+
+    from trainers import theory
+    trials, hist = [], []
+    lr = 0.01
+    for d in depths:
+        for q in qs:
+            p, eta = theory.map_exponent(d, q) + p_shift, rate_factor * theory.calibrated_lr(1.0, d, q)
+            r = row("map_dynamics", "sgd" if math.isinf(q) else "qngd", 0, lr=lr, converged=1.0)
+            r.update({"run_id": f"map|{d}|{q}", "config.trainer.depth": str(d), "config.optimizer.q": str(q),
+                      "config.trainer.teacher_singular_values": json.dumps(list(sigmas))})
+            trials.append(r)
+            for k, s in enumerate(sigmas, start=1):
+                t_end = 20 / (eta * s ** p) + (2 / (eta * s ** p * 1e-3 ** (p - 1)) if p > 1 else 0)
+                sol = solve_ivp(lambda t, y: eta * (s - y) * np.abs(y) ** p, (0, t_end), [1e-3 * s], rtol=1e-10,
+                                atol=1e-14, dense_output=True, method="DOP853")
+                steps = np.unique(np.round(np.concatenate([np.geomspace(1, t_end / lr, 200),
+                                                           np.linspace(1, t_end / lr, 4000)])).astype(int))
+                hist += [(r["run_id"], f"signal_mode.k{k}", int(st), float(sol.sol(lr * st)[0])) for st in steps]
+    return trials, pd.DataFrame(hist, columns=["run_id", "key", "step", "value"])
+
+
+TH_MAP = {"p_abs_err": 0.05, "eta_rel_err": 0.05}
+TH_CLOSED = {"closed_form_max_err": 0.01, "slope_abs_err": 0.05}
+
+
+def test_map_exponent_and_closed_forms_on_eq17_trajectories():
+    trials, hist = map_rows()
+    rec = Records(pd.DataFrame(trials), hist)
+    a, b = claims.map_exponent(rec, TH_MAP)
+    assert (a.holds, b.holds) == (True, True), (a.value, b.value)
+    assert a.numbers["d=4 q=2"]["p"] == pytest.approx(0.75, abs=0.01)
+    closed, window, init = claims.closed_forms(rec, TH_CLOSED)
+    assert closed.holds is True and window.holds is True, (closed.value, window.value)
+    assert set(closed.numbers) == {"p=0", "p=0.5", "p=1"}
+    # a rule whose exponent is 0.1 off Table 1, or whose rate is 10 % slow, fails the claims
+    trials, hist = map_rows(p_shift=0.1)
+    rec = Records(pd.DataFrame(trials), hist)
+    assert claims.map_exponent(rec, TH_MAP)[0].holds is False
+    assert claims.closed_forms(rec, TH_CLOSED)[0].holds is False
+    trials, hist = map_rows(rate_factor=0.9)
+    assert claims.map_exponent(Records(pd.DataFrame(trials), hist), TH_MAP)[1].holds is False
+    md = claims.table1_markdown(Records(pd.DataFrame(trials), hist))
+    assert "| 4 |" in md and "q = ∞" in md
+
+
+def test_update_speed_exponents():
+    from trainers import theory
+
+    def speed_rows(wrong: str | None = None):
+        out = []
+        for rule in claims.FULL + claims.BLOCK:
+            q = {"sgd": math.inf, "ngd": 1.0, "sqrt_ngd": 2.0, "ngd_d": 1.0, "sqrt_ngd_d": 2.0}[rule]
+            k = theory.speed_exponent(4, q, "block" if rule.endswith("_d") else "full") + (0.5 if rule == wrong else 0)
+            for seed in SEEDS:
+                for g in (1e-1, 1e-2, 1e-3, 1e-4):
+                    r = row("update_speed", rule, seed, gain=g, lr=0.01, converged=None,
+                            update_norm=0.01 * 3.7 * g ** k)
+                    r.update({"config.trainer.depth": "4", "config.optimizer.q": str(q)})
+                    out.append(r)
+        return Records(pd.DataFrame(out))
+    (ok,) = claims.update_speed(speed_rows(), {"exponent_abs_err": 0.05})
+    assert ok.holds is True and ok.numbers["sgd"]["theory"] == 3 and ok.numbers["ngd_d"]["theory"] == -3
+    assert ok.numbers["sgd"]["measured"] == pytest.approx([3.0, 3.0])
+    (bad,) = claims.update_speed(speed_rows(wrong="sqrt_ngd_d"), {"exponent_abs_err": 0.05})
+    assert bad.holds is False
+
+
 # ---------------------------------------------------------------- 5. early stopping, mode order
 def rise(t, t_half):
     """A fitted fraction rising as a logistic from ~0 to 1, crossing 1/2 at t_half."""
@@ -231,7 +304,7 @@ def test_the_suite_end_to_end_at_the_ci_budget(mlflow_server, experiment_name, t
     (report_dir,) = (results / "reports").iterdir()
     rows_ = json.loads((report_dir / "claims.json").read_text())
     ids = [r["id"] for r in rows_]
-    assert {"1a", "1b", "1c", "5a", "5b", "6", "7", "8a", "8b"} <= set(ids), ids
+    assert {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5a", "5b", "6", "7", "8a", "8b"} <= set(ids), ids
     assert all(r["holds"] in (True, False) for r in rows_), [(r["id"], r["value"]) for r in rows_ if r["holds"] is None]
     md = (report_dir / "claims.md").read_text()
     assert all(f"| {r['id']} |" in md for r in rows_)
