@@ -252,7 +252,9 @@ def test_protocol_plans_every_part_with_its_budget():
     for t in trials:
         for p in t.parts:
             parts.setdefault(p, []).append(t)
-    assert set(parts) == {"teacher_student", "teacher_student_nonwhite", "conservation_lr", "mnist_gain"}
+    assert set(parts) == {"teacher_student", "teacher_student_nonwhite", "conservation_lr", "map_dynamics",
+                          "update_speed", "mnist_gain"}
+    assert {t.config["trainer"]["depth"] for t in parts["map_dynamics"]} == {2}  # the ci budget: depth 2 only
     assert {t.seed for t in parts["teacher_student"]} == {0}                  # the ci budget's seeds
     assert {t.optimizer for t in parts["teacher_student_nonwhite"]} == {"ngd", "sqrt_ngd", "ngd_d", "sqrt_ngd_d"}
     assert all(t.variant.startswith(t.parts[0] + "/") for t in trials)
