@@ -151,37 +151,49 @@ class CurvaturePreconditioner:
         roots, u = _output_hessian_roots(out.to(torch.float64), y, self.loss)
         u = u / math.sqrt(bsz)
         # back-propagate the columns of S_n and, as one more column, S_n u_n (the loss gradient):
-        # delta[n, c, :] at each Linear output (pre-activation)
-        delta = torch.cat([roots.mT, (roots @ u[:, :, None]).mT], dim=1).to(cd)     # (B, cols + 1, C)
-        deltas, errors, abars = [], [], []
+        # delta[c, n, :] at each Linear output (pre-activation). Columns outermost, so each layer's
+        # root rows (cols * B, width) are one contiguous block: the block rule's Gram needs no copy.
+        delta = torch.cat([roots.permute(2, 0, 1), (roots @ u[:, :, None]).permute(2, 0, 1)]).to(cd)  # (cols+1, B, C)
+        rows, errors, abars, acts = [], [], [], []
         mask_i, lin_i = len(masks), len(inputs)
         for kind, mod in reversed(self.layers):
             if kind == "linear":
                 lin_i -= 1
-                deltas.append(delta[:, :-1])
-                errors.append(delta[:, -1])
-                a = inputs[lin_i].reshape(bsz, -1).to(cd)
+                rows.append(delta[:-1].reshape(-1, delta.shape[-1]))
+                errors.append(delta[-1])
+                acts.append(inputs[lin_i].reshape(bsz, -1))
+                a = acts[-1].to(cd)
                 abars.append(torch.cat([a, a.new_ones(bsz, 1)], dim=1))
                 if lin_i > 0:
                     delta = delta @ mod.weight.detach().to(cd)
             elif kind == "relu":
                 mask_i -= 1
                 if lin_i > 0:
-                    delta = delta * masks[mask_i].reshape(bsz, 1, -1).to(cd)
-        deltas.reverse()
-        errors.reverse()
-        abars.reverse()
+                    delta = delta * masks[mask_i].reshape(1, bsz, -1).to(cd)
+        for lst in (rows, errors, abars, acts):
+            lst.reverse()
+        ncol = roots.shape[2]
+        # deltas[l]: (B, cols, width) views of the rows, the layout the full rule indexes (n, c) by
+        deltas = [r.reshape(ncol, bsz, -1).transpose(0, 1) for r in rows]
         # errors[l][n] / sqrt(B): d(mean loss)/d(pre-activation) of sample n, so grad_l = errors_l^T abar_l / sqrt(B)
-        return {"deltas": deltas, "errors": errors, "abars": abars, "u": u.to(cd), "bsz": bsz}
+        return {"deltas": deltas, "rows": rows, "errors": errors, "abars": abars, "acts": acts,
+                "u": u.to(cd), "bsz": bsz}
 
     def _write_gradients(self):
+        """``.grad`` = errors^T [a | 1] / sqrt(B), the weight part straight from the layer input in the
+        parameters' dtype (as autograd's), written in place: no concatenated copy to slice."""
         b = self._batch
         root_b = math.sqrt(b["bsz"])
         written = []
-        for mod, e, ab in zip(self._linears(), b["errors"], b["abars"]):
-            g = (e.mT / root_b).to(mod.weight.dtype) @ ab.to(mod.weight.dtype)   # as autograd's, in its dtype
-            _set_grad(mod.weight, g[:, :-1])
-            _set_grad(mod.bias, g[:, -1])
+        for mod, e, a in zip(self._linears(), b["errors"], b["acts"]):
+            dt = mod.weight.dtype
+            gw = (e.mT / root_b).to(dt) @ a.to(dt)
+            gb = (e.sum(dim=0) / root_b).to(dt)
+            for p, g in ((mod.weight, gw), (mod.bias, gb)):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
             written += [(mod.weight.grad, mod.weight.grad._version), (mod.bias.grad, mod.bias.grad._version)]
         b["written"] = written
 
@@ -219,8 +231,7 @@ class CurvaturePreconditioner:
         """Dense ``(A_l, G_l)`` of the last batch (for tests and diagnostics; precondition() never forms A_1)."""
         b = self._batch
         out = []
-        for ab, dl in zip(b["abars"], b["deltas"]):
-            flat = dl.reshape(-1, dl.shape[-1])
+        for ab, flat in zip(b["abars"], b["rows"]):
             out.append((ab.mT @ ab / b["bsz"], flat.mT @ flat / b["bsz"]))
         return out
 
@@ -237,7 +248,7 @@ class CurvaturePreconditioner:
         b, cd = self._batch, self.compute_dtype
         bsz = b["bsz"]
         fused = self._grads_untouched()
-        rows = [dl.reshape(-1, dl.shape[-1]) for dl in b["deltas"]]
+        rows = b["rows"]
         thin = [ab.shape[1] > bsz for ab in b["abars"]]
         amort = self.amortised
         stale = amort.stale(rows, bsz) if amort is not None else [None] * len(rows)
