@@ -175,7 +175,8 @@ def finish_directions(directions, *, out_dtype, residual_norm, q: float, damping
     sync per step on a GPU).
     """
     out = [dd.to(out_dtype) for dd in directions]
-    total = sum(dd.double().square().sum() for dd in out)                    # NaN/Inf propagate
+    # squared norm in float64 without a float64 copy of each direction (NaN/Inf propagate)
+    total = sum(torch.linalg.vector_norm(dd, dtype=torch.float64).square() for dd in out)
     both = torch.stack([torch.as_tensor(total, dtype=torch.float64),
                         torch.as_tensor(residual_norm, dtype=torch.float64, device=torch.as_tensor(total).device)])
     norm, residual_norm = both.tolist()
