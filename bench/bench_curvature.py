@@ -9,7 +9,8 @@
 
    Modes: exact sqrtNGD-d, amortised (``curvature_every`` 10), mixed precision, both; full sqrtNGD.
 3. The exact sqrtNGD-d step's breakdown (forward + root back-propagation; precondition; SGD step)
-   beside its measured floor: bare float64 eighs of the factor sizes it decomposes.
+   beside its measured floor: the SGD step, layer 1's root back-propagation, and every factor's
+   Gram and eigh, each timed alone on the step's own matrices (``block_breakdown``).
 
 Usage: python bench/bench_curvature.py [--repeats 7] [--threads N] [--skip-n32-dense] [--mlp-only]
        [--skip-full] [--device cuda]
@@ -176,21 +177,35 @@ def bench_mlp(repeats, device, skip_full=False):
 
 def block_breakdown(repeats, device):
     """Where the exact sqrtNGD-d step goes (forward + root back-propagation + gradient; precondition;
-    SGD step), and the measured floors: a bare float64 eigh of each factor size it decomposes and
-    the 1152 x 300 Gram of layer 1's output factor."""
+    SGD step) beside its floor: the pieces any exact per-batch step of this rule must compute, each
+    timed alone in the same loop on the step's own matrices (float64): the plain SGD step (forward,
+    backward, update: the gradient), layer 1's root back-propagation (cols+1 x B x 100 times 100 x 300,
+    the only way to its output factor), every factor's Gram (G_l = rows^T rows / B; A_l through the
+    B x B Gram where wider than B) and its eigh. What the step spends above that sum is the roots'
+    application and the bookkeeping (casts, concatenations)."""
     x, y = mnist_like_batch(device)
     model = mnist_mlp(0, device)
     pre = CurvaturePreconditioner(model, q=2.0, structure="block")
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(1)
+    sgd_model = mnist_mlp(0, device)
+    sgd_opt = torch.optim.SGD(sgd_model.parameters(), lr=1e-3)
 
-    def psd(n):
-        m = torch.randn(n, 2 * n, generator=gen, dtype=F64)
-        return (m @ m.T).to(device)
-    mats = {n: psd(n) for n in (300, 128, 101, 100, 31, 30, 10)}
-    rows = torch.randn(1152, 300, generator=gen, dtype=F64).to(device)
-    parts = {"forward_backward": [], "precondition": [], "sgd_step": [],
-             **{f"eigh_{n}": [] for n in mats}, "gram_1152x300": []}
+    def sgd_step():
+        sgd_opt.zero_grad()
+        nn.functional.cross_entropy(sgd_model(x), y).backward()
+        sgd_opt.step()
+    pre.forward_backward(x, y)
+    b = pre._batch
+    ncol, bsz = b["deltas"][0].shape[1], b["bsz"]
+    d2 = torch.randn(ncol + 1, bsz, model[2].weight.shape[0], dtype=F64, device=device)
+    w2, m1 = model[2].weight.detach().to(F64), (torch.rand(1, bsz, model[2].weight.shape[1], device=device) > 0.5).to(F64)
+    grams = {f"gram_G_{r.shape[0]}x{r.shape[1]}": (lambda r=r: r.mT @ r) for r in b["rows"]}
+    grams.update({f"gram_A_{ab.shape[0]}x{ab.shape[1]}": (lambda ab=ab: ab @ ab.mT if ab.shape[1] > bsz else ab.mT @ ab)
+                  for ab in b["abars"]})
+    eighs = {f"eigh_{k[7:]}": (lambda m=fn(): torch.linalg.eigh(m / m.diagonal().sum())) for k, fn in grams.items()}
+    pre.precondition()
+    floor_parts = {"sgd_full_step": sgd_step, "root_backprop_layer1": lambda: (d2 @ w2) * m1, **grams, **eighs}
+    parts = {"forward_backward": [], "precondition": [], "sgd_step": [], **{k: [] for k in floor_parts}}
 
     def timed_into(key, fn):
         sync(device)
@@ -203,18 +218,17 @@ def block_breakdown(repeats, device):
         timed_into("forward_backward", lambda: pre.forward_backward(x, y))
         timed_into("precondition", pre.precondition)
         timed_into("sgd_step", opt.step)
-        for n, m in mats.items():
-            timed_into(f"eigh_{n}", lambda m=m: torch.linalg.eigh(m))
-        timed_into("gram_1152x300", lambda: rows.mT @ rows)
+        for k, fn in floor_parts.items():
+            timed_into(k, fn)
         if i == 0:
             parts = {k: [] for k in parts}                     # drop the warm-up
     med = {f"{k}_ms": statistics.median(v) for k, v in parts.items()}
-    # the eighs the exact step does: G 300, 100, 30, 10; A via B x B Grams 128 (layers 1, 2), 101, 31
-    floor = (med["eigh_300_ms"] + 2 * med["eigh_128_ms"] + med["eigh_101_ms"] + med["eigh_100_ms"]
-             + med["eigh_31_ms"] + med["eigh_30_ms"] + med["eigh_10_ms"])
-    med["eigh_floor_ms"] = floor
     med["step_ms"] = med["forward_backward_ms"] + med["precondition_ms"] + med["sgd_step_ms"]
-    med["eigh_share_of_step"] = floor / med["step_ms"]
+    med["floor_ms"] = sum(med[f"{k}_ms"] for k in floor_parts)
+    med["eigh_floor_ms"] = sum(med[f"{k}_ms"] for k in eighs)
+    med["floor_over_sgd"] = med["floor_ms"] / med["sgd_full_step_ms"]
+    med["step_over_sgd"] = med["step_ms"] / med["sgd_full_step_ms"]
+    med["floor_share_of_step"] = med["floor_ms"] / med["step_ms"]
     return med
 
 

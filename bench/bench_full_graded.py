@@ -8,6 +8,8 @@ One training step (forward + backward + precondition + SGD step) of full sqrtNGD
   scale check alone (the only added work, robust to load where the two step times are not).
 - gain 1e-6: the graded rule (four grades) vs the single-matrix rule (wrong there: it keeps only the last
   bias's directions; timed for the cost comparison only).
+- the unit and the floor, in the same loop: a plain torch SGD step of the same model and batch, and a
+  bare float64 eigh of the step's own 1152^2 output-space Gram (the one decomposition the rule needs).
 
 Usage: python bench/bench_full_graded.py [--repeats 7] [--threads 1]
 """
@@ -66,6 +68,41 @@ def step_fn(gain, single_matrix):
     return step
 
 
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(128, 784, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+
+
+def sgd_step():
+    """The unit: torch SGD on the same model and batch (forward, backward, update)."""
+    model = model_at(1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data()
+
+    def step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        return None
+    return step
+
+
+def gram_eigh():
+    """The floor: float64 eigh of the gain-1 step's own (trace-normalised) 1152 x 1152 output-space Gram."""
+    pre = CurvaturePreconditioner(model_at(1.0), q=2.0, structure="full")
+    pre.forward_backward(*_data())
+    b = pre._batch
+    n = b["bsz"] * b["u"].shape[1]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for ab, dl in zip(b["abars"], b["deltas"]):
+        flat = dl.to(torch.float64).reshape(n, -1)
+        a = ab.to(torch.float64)
+        gram += (flat @ flat.mT) * torch.repeat_interleave(torch.repeat_interleave(a @ a.mT, dl.shape[1], 0),
+                                                           dl.shape[1], 1)
+    gram /= gram.diagonal().sum()
+    return lambda: (torch.linalg.eigh(gram), None)[1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
@@ -75,7 +112,8 @@ def main():
     cases = {"gain1_shipped": (1.0, False), "gain1_single_matrix": (1.0, True),
              "gain1e-6_graded": (1e-6, False), "gain1e-6_single_matrix": (1e-6, True)}
     fns = {k: step_fn(*v) for k, v in cases.items()}
-    times = {k: [] for k in cases}
+    fns["sgd"], fns["eigh_1152"] = sgd_step(), gram_eigh()
+    times = {k: [] for k in fns}
     grades = {k: fn() for k, fn in fns.items()}             # warm-up
     names = list(fns)
     for r in range(args.repeats):
@@ -94,7 +132,7 @@ def main():
         check.append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    for k in cases:
+    for k in fns:
         print(f"{k:24s} median {med[k] * 1e3:8.1f} ms  best {best[k] * 1e3:8.1f} ms  grades {grades[k]}")
     result = {
         "repeats": args.repeats, "threads": args.threads, "load_average_1min": os.getloadavg()[0],
@@ -104,6 +142,10 @@ def main():
         "gain1_shipped_over_single_matrix_best": best["gain1_shipped"] / best["gain1_single_matrix"],
         "gain1e-6_graded_over_gain1_shipped_median": med["gain1e-6_graded"] / med["gain1_shipped"],
         "gain1e-6_graded_over_single_matrix_median": med["gain1e-6_graded"] / med["gain1e-6_single_matrix"],
+        "gain1_shipped_over_sgd_median": med["gain1_shipped"] / med["sgd"],
+        "gain1e-6_graded_over_sgd_median": med["gain1e-6_graded"] / med["sgd"],
+        "eigh_1152_over_sgd_median": med["eigh_1152"] / med["sgd"],
+        "eigh_1152_share_of_gain1_step": med["eigh_1152"] / med["gain1_shipped"],
     }
     print(json.dumps(result))
 
