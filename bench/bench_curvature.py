@@ -199,10 +199,12 @@ def block_breakdown(repeats, device):
     ncol, bsz = b["deltas"][0].shape[1], b["bsz"]
     d2 = torch.randn(ncol + 1, bsz, model[2].weight.shape[0], dtype=F64, device=device)
     w2, m1 = model[2].weight.detach().to(F64), (torch.rand(1, bsz, model[2].weight.shape[1], device=device) > 0.5).to(F64)
-    grams = {f"gram_G_{r.shape[0]}x{r.shape[1]}": (lambda r=r: r.mT @ r) for r in b["rows"]}
-    grams.update({f"gram_A_{ab.shape[0]}x{ab.shape[1]}": (lambda ab=ab: ab @ ab.mT if ab.shape[1] > bsz else ab.mT @ ab)
-                  for ab in b["abars"]})
-    eighs = {f"eigh_{k[7:]}": (lambda m=fn(): torch.linalg.eigh(m / m.diagonal().sum())) for k, fn in grams.items()}
+    # keys name the factor and layer (G1 = layer 1's output factor) and the matrix multiplied / decomposed
+    grams = {f"gram_G{i}_{r.shape[0]}x{r.shape[1]}": (lambda r=r: r.mT @ r) for i, r in enumerate(b["rows"], 1)}
+    grams.update({f"gram_A{i}_{ab.shape[0]}x{ab.shape[1]}": (lambda ab=ab: ab @ ab.mT if ab.shape[1] > bsz else ab.mT @ ab)
+                  for i, ab in enumerate(b["abars"], 1)})
+    eighs = {f"eigh_{k.split('_')[1]}_{m.shape[0]}": (lambda m=m: torch.linalg.eigh(m / m.diagonal().sum()))
+             for k, m in ((k, fn()) for k, fn in grams.items())}
     pre.precondition()
     floor_parts = {"sgd_full_step": sgd_step, "root_backprop_layer1": lambda: (d2 @ w2) * m1, **grams, **eighs}
     parts = {"forward_backward": [], "precondition": [], "sgd_step": [], **{k: [] for k in floor_parts}}
