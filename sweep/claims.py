@@ -244,8 +244,9 @@ def closed_forms(rec: Records, th: dict) -> list[Row]:
     rows.append(Row("3c", "§4.2", "from a small init: half-max time ∝ σ̄*^(-p) for p < 1; escape dominates for p ≥ 1",
                     "slope of log half-max time (from the init) vs log σ̄*",
                     f"|slope + p| ≤ {th['slope_abs_err']:g} where p < 1 (p ≥ 1: listed, escape-dominated)",
-                    "p<1: " + ", ".join(f"{r.init:+.2f} (p {r.p:.2f})" for r in small.itertuples())
-                    + "; p≥1: " + ", ".join(f"{r.init:+.2f} (p {r.p:.2f})" for r in s[s['p'] >= 1].itertuples()),
+                    f"p<1: max |slope + p| {(small['init'] + small['p']).abs().max():.2f} "
+                    f"(NGD, p=0: {(small.loc[small['p'] == 0, 'init']).abs().max():.2f}); p≥1: slopes "
+                    f"{s.loc[s['p'] >= 1, 'init'].max():+.2f} to {s.loc[s['p'] >= 1, 'init'].min():+.2f}",
                     bool(len(small)) and bool(((small["init"] + small["p"]).abs() <= th["slope_abs_err"]).all()),
                     {"slopes": s.to_dict("records")}, ["claims_table1.md"]))
     return rows
