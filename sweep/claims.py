@@ -554,10 +554,13 @@ def markdown(rows: list[Row], title: str, extra: str = "") -> str:
              "Thresholds were fixed in the config before running (conf/experiment/paper.yaml).", "",
              "| # | paper | claim | measured | threshold | value (mean±std over seeds) | holds |",
              "|---|---|---|---|---|---|:---:|"]
+    def cell(text: str) -> str:  # a "|" in a value (|Δp|) would end the Markdown cell
+        return str(text).replace("|", "\\|")
+
     for r in rows:
         figs = " ".join(f"[fig]({f})" for f in r.figures)
-        lines.append(f"| {r.id} | {r.paper} | {r.claim} | {r.measured} | {r.threshold} | {r.value} {figs} | "
-                     f"{MARK[r.holds]} |")
+        lines.append(f"| {r.id} | {r.paper} | {cell(r.claim)} | {cell(r.measured)} | {cell(r.threshold)} | "
+                     f"{cell(r.value)} {figs} | {MARK[r.holds]} |")
     return "\n".join(lines + ["", extra]).rstrip() + "\n"
 
 
