@@ -590,7 +590,3 @@ def table(rows: list[Row], width: int = 80):
     for r in rows:
         t.add_row(r.id, r.claim, r.value, MARK[r.holds])
     return t
-
-
-def finite(x) -> bool:
-    return x is not None and math.isfinite(x)
