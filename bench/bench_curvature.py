@@ -170,7 +170,10 @@ def bench_mlp(repeats, device, skip_full=False):
             out[f"{k}_over_sgd"] = med[k] / med["sgd"]
             out[f"{k}_over_sgd_best"] = best[k] / best["sgd"]
         if pres[k] is not None and pres[k].amortised is not None:
-            out[f"{k}_refresh_rate"] = pres[k].amortised.refresh_rate()
+            am = pres[k].amortised
+            out[f"{k}_refresh_rate"] = am.refresh_rate()
+            # per layer: which output factors the refresh rule actually skips (layer 1's is the costly one)
+            out[f"{k}_refresh_rate_by_layer"] = [round(r / am.steps, 3) for r in am.refreshes]
     out["sgd_best_ms"] = best["sgd"]
     return out
 
