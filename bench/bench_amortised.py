@@ -7,7 +7,11 @@ final test loss of each, their ratio, divergences, the refresh rate (share of ou
 decomposed afresh), wall time per trial. Target: final test loss within 5 % of exact, no divergence.
 The last line printed is a JSON object.
 
-Usage: python bench/bench_amortised.py [--every 10] [--seeds 0 1 2] [--steps 100] [--mixed]
+``--by-layer``: instead, the refresh rate of each layer's output factor (the trainer reports the mean
+only), from the same steps run in-process (sqrtNGD-d, lr 0.1, batch 128 on the first 5,000 training
+images, the trainer's init): which factors the refresh rule actually skips.
+
+Usage: python bench/bench_amortised.py [--every 10] [--seeds 0 1 2] [--steps 100] [--mixed] [--by-layer]
 """
 
 from __future__ import annotations
@@ -42,6 +46,28 @@ def trial(seed, gain, steps, device, **opt):
             "refresh_rate": last_eval.get("curvature_refresh_rate", 1.0)}
 
 
+def refresh_by_layer(seed, gain, steps, every, device):
+    """Per layer: the share of steps whose output factor was decomposed afresh (see --by-layer)."""
+    from trainers.data import load_dataset
+    from trainers.mlp_curvature import CurvaturePreconditioner
+    from trainers.mnist_mlp import _tensors, build_model
+
+    data = load_dataset("mnist")
+    x, y = _tensors(data.train_images, data.train_labels, 5000, device)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_model([784, 300, 100, 30, 10], gain, gen).to(device)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", curvature_every=every)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    order, batches = torch.randperm(len(y), generator=gen), len(y) // 128
+    for step in range(steps):
+        idx = order[(step % batches) * 128:(step % batches + 1) * 128]
+        opt.zero_grad()
+        pre.forward_backward(x[idx], y[idx])
+        pre.precondition()
+        opt.step()
+    return [round(r / pre.amortised.steps, 3) for r in pre.amortised.refreshes]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--every", type=int, default=10)
@@ -51,8 +77,17 @@ def main():
     ap.add_argument("--mixed", action="store_true", help="also precision: mixed (exact every step)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--by-layer", action="store_true", help="only the per-layer refresh rates (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.by_layer:
+        rates = {f"{g:g}": {s: refresh_by_layer(s, g, args.steps, args.every, args.device) for s in args.seeds}
+                 for g in args.gains}
+        for g, per in rates.items():
+            print(f"gain {g}: refresh rate by layer (seed: layers 1..4)", per, flush=True)
+        print(json.dumps({"refresh_rate_by_layer": rates, "every": args.every, "steps": args.steps,
+                          "load_avg_1min": os.getloadavg()[0]}))
+        return
     modes = {"exact": {}, f"every_{args.every}": {"curvature_every": args.every}}
     if args.mixed:
         modes["mixed"] = {"precision": "mixed"}
