@@ -146,8 +146,9 @@ class Sweep:
             self.progress.ended(job.trial, status, summary.get("metrics", {}), item.get("compute_s"))
 
     def retry(self, job, reason: str) -> None:
-        """The worker died: drop this attempt's run (the retry gets a fresh one, attempt + 1)."""
-        self.tracker.delete(job.state)
+        """The worker died: this attempt's run ends deleted, tagged why (the retry gets a fresh one,
+        attempt + 1). It keeps its `attempt` and `node.id` tags, also when it was not created yet."""
+        self.tracker.delete(job.state, {"status": "retried", "error": f"worker died: {reason}"[-4000:]})
         log.warning("trial %s attempt %d lost (%s); retrying", job.trial.key, job.attempt, reason)
         self.progress.ended(job.trial, "retried", None, None)
 

@@ -106,7 +106,9 @@ class Tracker:
                     self.journal.sync(op.seq)  # one fsync for everything appended so far
                 if self.dead is not None:
                     continue  # stopped: the journal holds what was not sent; the next run replays it
-                if op.handle is None or not op.handle.deleted or op.name == "delete":
+                # a dropped attempt's run is still created (then tagged and deleted: it stays visible among
+                # the deleted runs with its attempt and node.id); its other queued records are skipped
+                if op.handle is None or not op.handle.deleted or op.name in ("create_run", "delete"):
                     self._retry(op.fn, op.name)
             except Exception as e:  # noqa: BLE001
                 msg = f"{op.name}: {_short(e)}"
@@ -242,10 +244,20 @@ class Tracker:
                 self.acknowledged += 1
         self._put("end_run", send, handle, {"op": "end", "status": status})
 
-    def delete(self, handle: RunHandle) -> None:
-        """Soft-delete a run (a dead attempt): queued ops for it are skipped from now on."""
+    def delete(self, handle: RunHandle, tags: dict | None = None) -> None:
+        """Soft-delete a run (a dead attempt) after setting `tags` on it. Its create goes out even if it was
+        still queued, so the attempt is always visible among the deleted runs; its other queued records are
+        skipped from now on."""
         handle.deleted = True
-        self._put("delete", lambda: handle.run_id and self.client.delete_run(handle.run_id), handle, {"op": "delete"})
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+
+        def send():
+            if handle.run_id is None:  # its create was given up on: nothing to delete
+                return
+            if tags:
+                self.client.log_batch(handle.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.delete_run(handle.run_id)
+        self._put("delete", send, handle, {"op": "delete", "tags": tags})
 
     def replay(self, experiment_id: str, parent_id: str, records: list[dict]) -> RunHandle:
         """A finished attempt from the journal, sent again (its records are already on disk)."""

@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from services import free_port, run_sweep, start_mlflow, start_sweep, sweep_runs, wait_for
-from test_sweep_e2e import _alive, _cmdline, _descendants
+from test_sweep_e2e import _alive, _cmdline, _descendants, _runs
 
 # 2 optimizers x 2 gains x 10 seeds of a tiny teacher: a large grid of short trials
 LARGE = ["+experiment=smoke", "sweep.seeds=[0,1,2,3,4,5,6,7,8,9]", "trainer.steps=20", "report.enabled=false"]
@@ -76,6 +76,67 @@ def test_sigkill_after_the_last_trial_loses_nothing_and_recomputes_nothing(tmp_p
         for p in family:
             if _alive(p) and re.search(r"ray|mlflow", _cmdline(p)):
                 os.kill(p, signal.SIGKILL)
+        server.stop()
+
+
+def test_worker_killed_before_its_run_was_created_stays_visible_as_deleted(tmp_path):
+    """Issue 13 item 3. One worker, two trials. MLflow is frozen (SIGSTOP) while the first trial runs, so
+    its last records wait in the driver's queue and the second trial's create call waits behind them when
+    that trial's worker is SIGKILLed. The lost attempt still ends up in MLflow as a deleted run with its
+    attempt, node id and why; the retry finishes as attempt 2."""
+    from mlflow.entities import ViewType
+
+    server = start_mlflow(tmp_path / "mlflow", port=free_port())
+    results = tmp_path / "results"
+    args = ["+experiment=smoke", "sweep.axes.optimizer=[sqrt_ngd_d]", "sweep.seeds=[0]", "trainer.steps=1500",
+            "trainer.eval_every=100", "trainer.converge_tol=null", "resources.workers=1", "report.enabled=false",
+            f"tracking.uri={server.uri}", "tracking.experiment=killed", f"results_dir={results}"]
+    log = tmp_path / "out"
+    proc = start_sweep(args, tmp_path, log=log)
+    client = MlflowClient(server.uri)
+    family: set[int] = set()
+    try:
+        def first_trial_running():
+            assert proc.poll() is None, _output(log)[-3000:]
+            family.update(_descendants(proc.pid))
+            return _runs(client, "killed", "RUNNING")
+        wait_for(first_trial_running, timeout=300, interval=0.2, what="the first trial's run")
+        os.kill(server.proc.pid, signal.SIGSTOP)  # the first trial's records now queue up in the driver
+        try:
+            assert not re.search(r"sweep \d/2", _output(log)), "the first trial ends after MLflow froze"
+            wait_for(lambda: re.search(r"sweep 1/2", _output(log)) or proc.poll() is not None, timeout=240,
+                     interval=0.1, what="the first trial to end")  # the second one is dispatched next
+            worker = [p for p in _descendants(proc.pid) if "ray::TrialWorker" in _cmdline(p)]
+            assert len(worker) == 1, worker
+            os.kill(worker[0], signal.SIGKILL)
+            wait_for(lambda: any("attempt 1 lost" in f.read_text() for f in (results / "logs").glob("sweep-*.log")),
+                     timeout=120, interval=0.2, what="the driver to retry the trial")
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        proc.wait(300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        for p in family:
+            if _alive(p) and re.search(r"ray|mlflow", _cmdline(p)):
+                os.kill(p, signal.SIGKILL)
+    try:
+        out = _output(log)
+        assert proc.returncode == 0, out[-3000:]
+        _, children = sweep_runs(server.uri, "killed")
+        assert len(children) == 2 and set(children["status"]) == {"FINISHED"}
+        assert sorted(children["tags.attempt"]) == ["1", "2"]
+        node = children["tags.node.id"].iloc[0]
+        assert set(children["tags.node.id"]) == {node} and len(node) > 10
+        retried = children[children["tags.attempt"] == "2"]["tags.trial.key"].iloc[0]
+        exp = client.get_experiment_by_name("killed")
+        lost = client.search_runs([exp.experiment_id], "", run_view_type=ViewType.DELETED_ONLY)
+        assert [(r.data.tags.get("trial.key"), r.data.tags.get("attempt"), r.data.tags.get("node.id"))
+                for r in lost] == [(retried, "1", node)], [r.data.tags for r in lost]
+        tags = lost[0].data.tags
+        assert tags["status"] == "retried" and tags["error"].startswith("worker died: "), tags
+    finally:
         server.stop()
 
 

@@ -182,6 +182,8 @@ def test_dead_worker_is_replaced_and_its_trial_retried(mlflow_server, experiment
     exp = client.get_experiment_by_name(experiment_name)
     lost = client.search_runs([exp.experiment_id], "", run_view_type=ViewType.DELETED_ONLY)
     assert [r.data.tags.get("attempt") for r in lost] == ["1"]
+    assert lost[0].data.tags["node.id"] in set(children["tags.node.id"])
+    assert lost[0].data.tags["status"] == "retried" and lost[0].data.tags["error"].startswith("worker died: ")
 
 
 def test_diverged_trial_does_not_stop_the_embedded_sweep(tmp_path):

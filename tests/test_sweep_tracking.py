@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from mlflow.tracking import MlflowClient
@@ -42,6 +43,36 @@ def test_outage_is_buffered_and_retried_until_the_server_returns(tmp_path, caplo
         if tracker is not None:
             tracker.close(timeout=5)
         server.stop()
+
+
+def test_an_attempt_dropped_before_its_run_existed_is_still_visible_as_deleted(mlflow_server):
+    """Issue 13 item 3: a worker died while its attempt's create call still waited in the queue. The
+    attempt is created all the same, tagged, then deleted: visible with its attempt and node id."""
+    from mlflow.entities import ViewType
+
+    tracker = Tracker(mlflow_server.uri, retry_s=120)
+    try:
+        exp = tracker.experiment_id(f"dropped-{time.time_ns()}")
+        parent = tracker.create_parent(exp, "parent", {"sweep.id": "x"})
+        gate = threading.Event()
+        tracker._put("held", gate.wait)  # the writer is busy: what follows stays queued
+        handle = tracker.start_child(exp, parent, "trial", {"trial.key": "k", "attempt": "1", "node.id": "n1"},
+                                     {"optimizer.lr": "0.1"})
+        tracker.log_metrics(handle, [("train_loss", 1.0, 0)])
+        tracker.delete(handle, {"status": "retried", "error": "worker died: RayActorError"})
+        assert handle.run_id is None, "the create had not gone out when the attempt was dropped"
+        gate.set()
+        assert tracker.flush(timeout=60) and tracker.errors == []
+        client = MlflowClient(mlflow_server.uri)
+        lost = client.search_runs([exp], "", run_view_type=ViewType.DELETED_ONLY)
+        assert [r.info.run_id for r in lost] == [handle.run_id]
+        tags = lost[0].data.tags
+        assert (tags["attempt"], tags["node.id"], tags["trial.key"]) == ("1", "n1", "k")
+        assert (tags["status"], tags["error"]) == ("retried", "worker died: RayActorError")
+        assert tags["mlflow.parentRunId"] == parent and lost[0].data.metrics == {}, "its queued metrics skipped"
+        assert tracker.children(exp, parent) == [], "nothing of it is visible"
+    finally:
+        tracker.close(timeout=5)
 
 
 def test_a_request_the_server_rejects_is_not_retried_forever(mlflow_server):
