@@ -136,8 +136,9 @@ def prepare_ray_env(local: bool) -> None:
     """Environment a local Ray must see before `ray` is first imported (Ray reads it at import time).
 
     Local: every listener on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray bind its GCS,
-    raylet, worker, agent and metrics servers to loopback; without it they listen on all interfaces),
-    and a token of this sweep's own (RAY_AUTH_TOKEN, token mode) instead of the shared ~/.ray/auth_token.
+    raylet, worker and agent servers to loopback; without it they listen on all interfaces), no metrics
+    export (its Prometheus port answers without a token), and a token of this sweep's own
+    (RAY_AUTH_TOKEN, token mode: Ray then never touches the shared ~/.ray/auth_token).
     A remote cluster keeps the user's settings: its nodes must reach the driver, with the cluster's token."""
     global _PREPARED
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -148,6 +149,7 @@ def prepare_ray_env(local: bool) -> None:
         if ray_constants.ENABLE_RAY_CLUSTER:
             raise RuntimeError("ray was imported before the loopback setting: import sweep.services first")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_enable_metrics_collection"] = "0"  # no Prometheus /metrics port: it answers without a token
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     _PREPARED = True

@@ -29,6 +29,20 @@ def _listening(pids: set[int]) -> list[tuple[str, str]]:
     return found
 
 
+def _http_status(addr: str, path: str) -> int | None:
+    """Status of a plain HTTP GET (no token) to a listening socket; None when it does not speak HTTP/1."""
+    import http.client
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.strip("[]").removeprefix("::ffff:"), int(port), timeout=3)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    except (OSError, http.client.HTTPException):
+        return None  # gRPC (HTTP/2 only) or a closed connection
+    finally:
+        conn.close()
+
+
 def _loopback(addr: str) -> bool:
     host = addr.rsplit(":", 1)[0].strip("[]")
     return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
@@ -42,6 +56,8 @@ def test_signal_ends_the_sweep_cleanly(signum, code, mlflow_server, experiment_n
     args = ["+experiment=smoke", f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment_name}",
             f"results_dir={results}", *SLOW]
     env = sweep_env()  # no RAY_* but the usage-stats opt-out
+    shared_token = Path.home() / ".ray" / "auth_token"  # Ray's default token file: the sweep's Ray has its own
+    token_before = (shared_token.read_bytes(), shared_token.stat().st_mtime_ns) if shared_token.exists() else None
     proc = start_sweep(args, tmp_path, env=env, log=tmp_path / "out")
     family: set[int] = set()
     try:
@@ -58,6 +74,15 @@ def test_signal_ends_the_sweep_cleanly(signum, code, mlflow_server, experiment_n
             sockets = _listening(family | {proc.pid})
             assert len(sockets) >= 4, sockets  # GCS, raylet, workers, agents at least
             assert [s for s in sockets if not _loopback(s[0])] == [], sockets
+            # nothing of the sweep's Ray answers a plain HTTP request without its token: no Prometheus
+            # /metrics port (metrics export off), the runtime-env agent says 401, the rest speak gRPC only
+            answers = {(a, who): _http_status(a, "/metrics") for a, who in sockets}
+            assert {k: v for k, v in answers.items() if v not in (None, 401)} == {}, answers
+            assert 401 in answers.values(), answers  # the check reaches an HTTP server (the runtime-env agent)
+            gcs = next(p for p in family if "gcs_server" in _cmdline(p))  # started with the sweep's environment
+            token = dict(kv.split("=", 1) for kv in Path(f"/proc/{gcs}/environ").read_text().split("\0")
+                         if "=" in kv)["RAY_AUTH_TOKEN"]
+            assert len(token) == 64 and not any(token in _cmdline(p) for p in family), "the token is in no command line"
             # a second sweep on the same results directory is refused at once, naming it
             second, seconds = run_sweep(args, tmp_path, timeout=120, env=env)
             assert second.returncode == 2, second.stdout + second.stderr
@@ -81,6 +106,8 @@ def test_signal_ends_the_sweep_cleanly(signum, code, mlflow_server, experiment_n
     wait_for(lambda: not any(_alive(p) for p in core), timeout=30, what="the sweep's processes to exit")
     assert not Path(lock["temp_dir"]).exists()
     assert json.loads((results / "sweep.lock").read_text())["pid"] is None
+    token_after = (shared_token.read_bytes(), shared_token.stat().st_mtime_ns) if shared_token.exists() else None
+    assert token_after == token_before, "the user's ~/.ray/auth_token is neither created nor changed"
 
 
 def test_next_sweep_cleans_up_after_a_killed_one(tmp_path):
