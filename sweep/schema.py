@@ -2,9 +2,9 @@
 
 Why: Hydra checks every key and type against these dataclasses while composing, so an unknown key or a
 wrong type fails before anything starts. The trial sections (optimizer, trainer) are generated from the
-trainers' own dataclasses (`trainers.OptimizerConfig`, `trainers.linear_teacher.LinearTeacherConfig`,
-`trainers.mnist_mlp.MnistMlpConfig`): a field is declared in one place, the trainer. The service's
-own sections are declared here.
+trainers' own dataclasses (`trainers.config`: `OptimizerConfig`, `LinearTeacherConfig`, `MnistMlpConfig`,
+torch-free, so a bad invocation answers without importing torch): a field is declared in one place, the
+trainers' config module. The service's own sections are declared here.
 """
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-import trainers
-from trainers.linear_teacher import LinearTeacherConfig
-from trainers.mnist_mlp import DataConfig, MnistMlpConfig
+from trainers import config as trainer_config
+from trainers.config import DataConfig, LinearTeacherConfig, MnistMlpConfig, OptimizerConfig
 
-OptimizerConfig = trainers.OptimizerConfig
-OPTIMIZERS = tuple(trainers.OPTIMIZERS)
-TRAINERS = tuple(trainers.TRAINERS)
+OPTIMIZERS = tuple(trainer_config.OPTIMIZERS)
+TRAINERS = tuple(trainer_config.TRAINER_CONFIGS)
 
 
 def _mirror(cls: type, name: str) -> type:

@@ -34,12 +34,12 @@ def check_optimizer_name(name: str, field: str = "optimizer.name") -> None:
 
 def check_trial(c: dict, where: str = "") -> None:
     """One resolved trial config, checked by the trainers' and the optimizer's own rules (the code the
-    workers run: `trainers.check_config`), then the rules of where it will run (device vs resources).
-    `where` names the grid point in the message."""
-    import trainers
+    workers run: `trainers.config.check_config`, no torch), then the rules of where it will run (device vs
+    resources). `where` names the grid point in the message."""
+    from trainers.config import check_config
     at = f" (grid point {where})" if where else ""
     try:
-        trainers.check_config(c)
+        check_config(c)
     except (ValueError, TypeError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         found = _FIELD.search(message)

@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import math
 import socket
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -88,7 +90,7 @@ def test_trial_key_is_a_stable_hash_of_the_resolved_config():
     ("trainers.linear_teacher", "LinearTeacherConfig", schema.LinearTeacherConf),
     ("trainers.mnist_mlp", "MnistMlpConfig", schema.MnistMlpConf),
     ("trainers.mnist_mlp", "DataConfig", schema.DataConf),
-    ("trainers", "OptimizerConfig", schema.OptimizerConf)])
+    ("trainers", "OptimizerConfig", schema.OptimizerConf)])  # what the trainers use (from trainers.config)
 def test_schema_mirrors_the_trainer_dataclasses(module, name, schema_cls):
     """The sweep's schemas and the trainers' dataclasses name the same fields (Contract 1)."""
     trainer_cls = getattr(importlib.import_module(module), name)
@@ -132,6 +134,18 @@ def test_bad_invocation_fails_fast_and_leaves_nothing(overrides, message, tmp_pa
     assert list(tmp_path.iterdir()) == [], "a bad config must leave nothing behind"
     mlflow.set_tracking_uri(mlflow_server.uri)
     assert mlflow.get_experiment_by_name(experiment_name) is None
+
+
+def test_bad_invocation_imports_no_torch_ray_or_mlflow(tmp_path):
+    """The trainers' rules run on the driver from torch-free trainers.config: a bad invocation pays for
+    Hydra and the rules only (bench/bench_plan.py measures it)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sweep", "+experiment=smoke", "optimizer.lr=-1"],
+                          cwd=tmp_path, env=sweep_env(), capture_output=True, text=True, timeout=60)
+    errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:")]
+    assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: optimizer.lr=-1"), proc.stderr[-2000:]
+    modules = {ln.split("|")[-1].strip().split(".")[0] for ln in proc.stderr.splitlines() if ln.startswith("import time:")}
+    assert {"hydra", "trainers", "omegaconf"} <= modules, "importtime lists what was imported"
+    assert modules.isdisjoint({"torch", "ray", "mlflow", "numpy"}), sorted(modules & {"torch", "ray", "mlflow", "numpy"})
 
 
 def test_help_and_cfg_job(tmp_path):

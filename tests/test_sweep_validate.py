@@ -99,7 +99,8 @@ for args in json.loads(sys.stdin.read()):
         except BaseException as e:  # a crash is a finding, reported as such
             import traceback
             code, err = "crash", io.StringIO(traceback.format_exc())
-    out.append({"args": args, "code": code, "stderr": err.getvalue(), "seconds": time.monotonic() - t0})
+    out.append({"args": args, "code": code, "stderr": err.getvalue(), "seconds": time.monotonic() - t0,
+                "heavy": sorted(m for m in ("torch", "ray", "mlflow") if m in sys.modules)})
 print(json.dumps(out))
 """
 
@@ -154,6 +155,7 @@ def test_fuzzed_overrides_either_pass_the_trainer_rules_or_fail_in_one_line(batc
         assert result["seconds"] < 10, result
         rejected += 1
     assert rejected > 0.7 * len(results), f"only {rejected} of {len(results)} fuzzed overrides rejected"
+    assert results[-1]["heavy"] == [], "checking every case imported no torch, Ray or MLflow (trainers.config)"
     assert list(cwd.iterdir()) == [], "bad invocations must leave nothing behind"
 
 

@@ -51,79 +51,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from trainers import OptimizerConfig, check_speed_modes, config_from_dict, flush_denormals, resolve_device
+from trainers import flush_denormals, resolve_device
+from trainers.config import LinearTeacherConfig, OptimizerConfig, check_speed_modes, config_from_dict
 from trainers import diagnostics as diag
 
 __all__ = ["LinearTeacherConfig", "TeacherTask", "make_task", "init_student", "run"]
 
 DTYPE = torch.float64
-
-
-@dataclass(frozen=True)
-class LinearTeacherConfig:
-    name: str = "linear_teacher"
-    gain: float = 0.1
-    steps: int = 3000
-    eval_every: int = 10
-    log_eval: bool = False
-    max_weight_norm: float = 1.0e4
-    width: int = 16
-    depth: int = 4
-    rank: int = 3
-    teacher_singular_values: list[float] = field(default_factory=lambda: [3.0, 2.0, 1.0])
-    train_samples: int = 16
-    noise_std: float = 0.3
-    whiten: bool = True
-    input_cov_cond: float = 1.0
-    init: str = "gaussian"
-    balanced: bool = False
-    converge_tol: float | None = 1.0e-6
-
-    def __post_init__(self):
-        f = "trainer."
-        if self.name != "linear_teacher":
-            raise ValueError(f"{f}name={self.name!r}: this is the linear_teacher trainer")
-        _check_common(self)
-        for key in ("width", "depth", "rank", "train_samples"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{f}{key}={getattr(self, key)!r} must be a positive integer")
-        if self.rank > self.width:
-            raise ValueError(f"{f}rank={self.rank} must be <= width={self.width}")
-        s = list(self.teacher_singular_values)
-        if len(s) != self.rank or not all(math.isfinite(v) and v > 0 for v in s):
-            raise ValueError(f"{f}teacher_singular_values={s} must be {self.rank} (= rank) positive numbers")
-        if self.whiten and self.train_samples < self.width:
-            raise ValueError(f"{f}whiten=true needs train_samples >= width ({self.train_samples} < {self.width}): "
-                             "fewer samples than dimensions cannot have Sigma_x = I; set whiten: false")
-        if not (self.input_cov_cond >= 1 and math.isfinite(self.input_cov_cond)):
-            raise ValueError(f"{f}input_cov_cond={self.input_cov_cond} must be a finite number >= 1 "
-                             "(1 = isotropic inputs)")
-        if self.whiten and self.input_cov_cond != 1:
-            raise ValueError(f"{f}input_cov_cond={self.input_cov_cond} needs whiten: false (whitened training "
-                             "inputs are not samples of an anisotropic population)")
-        if self.converge_tol is not None and not 0 < self.converge_tol < 1:
-            raise ValueError(f"{f}converge_tol={self.converge_tol} must be in (0, 1), or null to run all steps")
-        if not self.noise_std >= 0:
-            raise ValueError(f"{f}noise_std={self.noise_std} must be >= 0")
-        if self.init not in ("gaussian", "orthogonal"):
-            raise ValueError(f"{f}init={self.init!r} must be gaussian or orthogonal")
-
-
-def _check_common(cfg) -> None:
-    """The fields both trainers share (used by trainers.mnist_mlp too)."""
-    f = "trainer."
-    if not (cfg.gain > 0 and math.isfinite(cfg.gain)):
-        raise ValueError(f"{f}gain={cfg.gain} must be a positive finite number")
-    if not isinstance(cfg.steps, int) or cfg.steps < 0:
-        raise ValueError(f"{f}steps={cfg.steps!r} must be a non-negative integer")
-    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 1:
-        raise ValueError(f"{f}eval_every={cfg.eval_every!r} must be a positive integer")
-    if not cfg.max_weight_norm > 0:
-        raise ValueError(f"{f}max_weight_norm={cfg.max_weight_norm} must be > 0")
 
 
 @dataclass

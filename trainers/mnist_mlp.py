@@ -38,75 +38,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers import OptimizerConfig, config_from_dict, flush_denormals, resolve_device
+from trainers import flush_denormals, resolve_device
+from trainers.config import DataConfig, MnistMlpConfig, OptimizerConfig, config_from_dict  # noqa: F401
 from trainers import diagnostics as diag
-from trainers.linear_teacher import _check_common
 
 __all__ = ["MnistMlpConfig", "DataConfig", "build_model", "run"]
 
 TRAIN_EVAL_SAMPLES = 10_000
 EVAL_CHUNK = 10_000
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = "mnist"
-    root: str | None = None
-    cache_dir: str | None = None
-
-    def __post_init__(self):
-        if self.name not in ("mnist", "fashion_mnist"):
-            raise ValueError(f"trainer.data.name={self.name!r} must be mnist or fashion_mnist")
-
-
-@dataclass(frozen=True)
-class MnistMlpConfig:
-    name: str = "mnist_mlp"
-    gain: float = 1.0
-    steps: int = 1000
-    eval_every: int = 100
-    log_eval: bool = False
-    max_weight_norm: float = 1.0e4
-    layers: list[int] = field(default_factory=lambda: [784, 300, 100, 30, 10])
-    batch_size: int = 128
-    epochs: float | None = None
-    loss: str = "cross_entropy"
-    train_subset: int | None = None
-    test_subset: int | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def __post_init__(self):
-        f = "trainer."
-        if self.name != "mnist_mlp":
-            raise ValueError(f"{f}name={self.name!r}: this is the mnist_mlp trainer")
-        _check_common(self)
-        if isinstance(self.data, Mapping):
-            object.__setattr__(self, "data", config_from_dict(DataConfig, self.data, "trainer.data"))
-        layers = list(self.layers)
-        if len(layers) < 2 or layers[0] != 784 or layers[-1] != 10 or not all(
-                isinstance(n, int) and n > 0 for n in layers):
-            raise ValueError(f"{f}layers={layers} must be positive integers from 784 (28x28 pixels) to 10 (classes)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"{f}batch_size={self.batch_size!r} must be a positive integer")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"{f}epochs={self.epochs} must be > 0, or null to use steps")
-        if self.loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"{f}loss={self.loss!r} must be cross_entropy or mse")
-        for key, top in (("train_subset", 60_000), ("test_subset", 10_000)):
-            n = getattr(self, key)
-            if n is not None and (not isinstance(n, int) or not 1 <= n <= top):
-                raise ValueError(f"{f}{key}={n!r} must be an integer in 1..{top}, or null for all")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(f"{f}train_subset={self.train_subset} must be >= batch_size={self.batch_size}")
-
-    def total_steps(self, n_train: int) -> int:
-        return self.steps if self.epochs is None else int(math.ceil(self.epochs * n_train / self.batch_size))
 
 
 def build_model(layers: list[int], gain: float, gen: torch.Generator) -> nn.Sequential:
