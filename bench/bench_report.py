@@ -23,10 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-
+from common import sweep_or_exit  # noqa: E402  (bench/common.py; puts the repo and tests/ on sys.path)
 from services import start_mlflow, sweep_env, sweep_runs  # noqa: E402
 
 KEYS = ["train_loss", "test_loss", "conservation_drift", "weight_norm", "noise_mode", "signal_mode.k1",
@@ -48,13 +45,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-report-") as tmp:
         seeds = "[" + ",".join(str(s) for s in range(a.seeds)) + "]"
-        cmd = [sys.executable, "-m", "sweep", "+experiment=smoke", f"sweep.seeds={seeds}"]
-        t0 = time.monotonic()
-        proc = subprocess.run(cmd, cwd=tmp, env=sweep_env(), capture_output=True, text=True)
-        wall = time.monotonic() - t0
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"sweep failed with exit code {proc.returncode}")
+        args = ["+experiment=smoke", f"sweep.seeds={seeds}"]
+        proc, wall = sweep_or_exit(args, tmp)
         log = next((Path(tmp) / "results" / "logs").glob("sweep-*.log")).read_text()
         p = phases(log)
         db = f"sqlite:///{tmp}/results/mlflow/mlflow.db"
@@ -96,7 +88,7 @@ def main() -> None:
            "history_read_bulk_s": round(bulk, 2), "bulk_speedup": round(per_call / bulk, 1),
            "same_points": n_bulk == n_per_call, "report_command_s": round(report_cmd, 1),
            "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
-           "command": " ".join(["python -m sweep", *cmd[3:]])}
+           "command": " ".join(["python -m sweep", *args])}
     print(json.dumps(out))
 
 

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,11 +28,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-
-from services import sweep_env, start_mlflow  # noqa: E402
+from common import REPO  # noqa: E402  (bench/common.py; puts the repo and tests/ on sys.path)
+from services import run_sweep, start_mlflow  # noqa: E402
 
 
 def smoke_trials(seeds: int) -> list[dict]:
@@ -63,10 +59,7 @@ def run_project_sweep(seeds: int, workers: int, tmp: Path) -> tuple[float, int]:
     for attempt in range(1, ATTEMPTS + 1):
         results = tmp / f"sweep{attempt}"
         results.mkdir()
-        t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "sweep", *args], cwd=results, env=sweep_env(),
-                              capture_output=True, text=True)
-        wall = time.monotonic() - t0
+        proc, wall = run_sweep(args, results, timeout=None)
         if proc.returncode == 0:
             return wall, attempt
         if RAY_START_FAILED not in proc.stdout + proc.stderr or attempt == ATTEMPTS:

@@ -61,6 +61,17 @@ def start_sweep(args: list[str], cwd: str | Path, env: dict | None = None, log: 
                             stderr=subprocess.STDOUT)
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End a background process started here: SIGTERM first (a sweep then cleans up), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port, run_sweep, start_mlflow, start_sweep, sweep_env, sweep_runs, wait_for
+from services import free_port, run_sweep, start_mlflow, start_sweep, stop, sweep_env, sweep_runs, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -205,16 +205,6 @@ def max_overlap(intervals) -> int:
         now += delta
         best = max(best, now)
     return best
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # ------------------------------------------------------------------------------------------- tests

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port, wait_for
+from services import free_port, stop, wait_for
 
 # A cold build (nothing cached) is part of the first test's setup: ~15 min measured here, under load.
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(2700)]
@@ -254,16 +254,6 @@ class Stack:
         return {"containers": sh(self.docker, "ps", "-aq", *label).stdout.split(),
                 "networks": sh(self.docker, "network", "ls", "-q", *label).stdout.split() + named("network"),
                 "volumes": sh(self.docker, "volume", "ls", "-q", *label).stdout.split() + named("volume")}
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
