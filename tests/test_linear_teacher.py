@@ -180,7 +180,7 @@ def test_records_follow_the_contract_and_are_deterministic():
     assert steps[0] == 0 and steps[-1] == 200 and {1, 2, 50, 100, 150} <= set(steps) and steps == sorted(steps)
     names = {"train_loss", "excess_train_loss", "test_loss", "test_loss_noisy", "weight_norm", "conservation_drift",
              "update_norm", "clipped_updates", "noise_mode", "norm_excess", "signal_mode.k1", "signal_mode.k2",
-             "signal_mode.k3"}
+             "signal_mode.k3", "signal_fit", "noise_fit"}
     names |= {f"weight_norm.l{i}" for i in range(1, 5)} | {f"conservation_drift.l{i}" for i in range(1, 4)}
     assert set(evals[-1]["metrics"]) == names
     assert summary["status"] == "finished" and summary["step"] == 200 and summary["diverged_step"] is None
@@ -193,6 +193,7 @@ def test_records_follow_the_contract_and_are_deterministic():
     # signal before noise: by the end the strongest mode is learned (teacher s_1 = 3) and dominates noise
     last = evals[-1]["metrics"]
     assert last["signal_mode.k1"] == pytest.approx(3.0, abs=0.3) and last["noise_mode"] < last["signal_mode.k3"]
+    assert abs(evals[0]["metrics"]["signal_fit"]) < 0.01 and last["signal_fit"] > 0.9  # from ~0 to learnt
     again = trial({"name": "sqrt_ngd_d", "lr": LR}, **cfg)
     strip = lambda rs: [{**r, "metrics": {k: v for k, v in r["metrics"].items() if k != "steps_per_second"}}
                         for r in rs]  # noqa: E731
