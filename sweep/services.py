@@ -137,7 +137,8 @@ def prepare_ray_env(local: bool) -> None:
 
     Local: every listener on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray bind its GCS,
     raylet, worker and agent servers to loopback; without it they listen on all interfaces), no metrics
-    export (its Prometheus port answers without a token), and a token of this sweep's own
+    export (Prometheus ports answer without a token: the agents', the dashboard head's, the autoscaler
+    monitor's), and a token of this sweep's own
     (RAY_AUTH_TOKEN, token mode: Ray then never touches the shared ~/.ray/auth_token).
     A remote cluster keeps the user's settings: its nodes must reach the driver, with the cluster's token."""
     global _PREPARED
@@ -150,6 +151,10 @@ def prepare_ray_env(local: bool) -> None:
             raise RuntimeError("ray was imported before the loopback setting: import sweep.services first")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_enable_metrics_collection"] = "0"  # no Prometheus /metrics port: it answers without a token
+    # The dashboard head and the autoscaler monitor start Prometheus servers of their own on fixed ports
+    # (44227, 44217) whenever prometheus_client is importable, with no switch to turn them off; a port no
+    # socket can bind makes each start fail (Ray catches it and logs it to its own log files).
+    os.environ["DASHBOARD_METRIC_PORT"] = os.environ["AUTOSCALER_METRIC_PORT"] = "-1"
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     _PREPARED = True
