@@ -57,7 +57,7 @@ class Records:
         df = self.trials
         if df.empty or "parts" not in df:
             raise NotMeasured(f"no trials of part {name!r}")
-        df = df[df["parts"].fillna("").str.split(",").apply(lambda p: name in p)]
+        df = df[in_part(df, name)]
         if df.empty:
             raise NotMeasured(f"no trials of part {name!r}")
         ok = (df["status"] == "finished") & (df["run_status"] == "FINISHED")
@@ -99,15 +99,20 @@ def pm(values) -> str:
 def half_fit_time(steps: np.ndarray, values: np.ndarray, lr: float) -> float:
     """Time t = lr * step at which a fitted fraction (signal_fit / noise_fit: 0 at a small start, 1 when
     the target's modes are learnt) first reaches one half, linear between evaluations; NotMeasured when
-    it never does (or nothing was recorded)."""
-    v = np.asarray(values, dtype=float)
-    if not len(v) or not (v >= 0.5).any():
-        raise NotMeasured("a fitted fraction never reached 1/2" if len(v) else "no signal_fit / noise_fit history")
-    i = int(np.argmax(v >= 0.5))
-    if i == 0:
-        return lr * float(steps[0])
-    s0, s1, v0, v1 = steps[i - 1], steps[i], v[i - 1], v[i]
-    return lr * float(s0 + (0.5 - v0) / (v1 - v0) * (s1 - s0))
+    it never does (or too little was recorded)."""
+    from trainers import theory
+    try:
+        t = theory.history_half_max_time(steps, values, lr, 1.0)
+    except ValueError:
+        raise NotMeasured("no signal_fit / noise_fit history") from None
+    if not math.isfinite(t):
+        raise NotMeasured("a fitted fraction never reached 1/2")
+    return t
+
+
+def in_part(df: pd.DataFrame, name: str) -> pd.Series:
+    """Which trials belong to protocol part `name` (the `parts` column: comma-separated names)."""
+    return df["parts"].fillna("").str.split(",").apply(lambda parts: name in parts)
 
 
 def _ratio_text(values: dict) -> str:

@@ -92,7 +92,7 @@ def _plan_parts(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_valu
         if len(part_cfg.sweep.parts):
             raise ConfigError(f"{field}.experiment", "is itself a protocol", "name a plain experiment")
         try:
-            planned = _plan_grid(part_cfg, part_task, cli_groups, cli_values)
+            planned = _plan_grid(part_cfg, part_task, cli_groups, cli_values, service=False)
         except ConfigError as e:
             raise ConfigError(e.field, f"{e.problem} (in {field})", e.fix) from None
         for t in planned:
@@ -104,8 +104,10 @@ def _plan_parts(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_valu
     return list(trials.values())
 
 
-def _plan_grid(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_values: set[str]) -> list[grid.Trial]:
-    """One experiment's grid, every trial checked by the trainers' own rules."""
+def _plan_grid(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_values: set[str],
+               service: bool = True) -> list[grid.Trial]:
+    """One experiment's grid, every trial checked by the trainers' own rules. `service=False`: a protocol
+    part, whose service settings (and their address handshakes) the protocol has checked once already."""
     product, zips = grid.grid_axes(cfg.sweep)
     for axis in product + [a for g in zips for a in g]:
         if axis.path == "optimizer":
@@ -118,7 +120,8 @@ def _plan_grid(cfg: DictConfig, task: list[str], cli_groups: set[str], cli_value
                 if v not in schema.TRAINERS:
                     raise ConfigError("sweep.axes.trainer", f"has {v!r}", f"use one of {', '.join(schema.TRAINERS)}")
     check_known_keys(cfg, schema.Config)
-    check_service(cfg)
+    if service:
+        check_service(cfg)
     trials = grid.expand(cfg, _composer(task), cli_values, cli_groups)
     if cfg.cluster.address is None:  # a local Ray's workers read this filesystem
         for root in {json.dumps(t.config["trainer"].get("data")) for t in trials}:

@@ -618,9 +618,10 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
     if not parts:  # a protocol prints its claims instead (each part's table is in parts/<part>/summary.csv)
         print_summary(summary, console, f"{title}: mean ± std over seeds")
     import json
-    note_md = summary_markdown(summary, title)
-    tr.set_tags(_handle(src.parent_id), {"mlflow.note.content": note_md[:7900],
-                                         "sweep.variants": json.dumps(list(dict.fromkeys(df["variant"])))[:7900]})
+    tags = {"sweep.variants": json.dumps(list(dict.fromkeys(df["variant"])))[:7900]}
+    if not parts:  # a protocol's description is its claims.md (below)
+        tags["mlflow.note.content"] = summary_markdown(summary, title)[:7900]
+    tr.set_tags(_handle(src.parent_id), tags)
     tr.log_metrics(_handle(src.parent_id), parent_metrics(summary))
 
     signal_keys = sorted(c for c in df.columns if c.startswith("signal_mode."))
@@ -630,7 +631,7 @@ def report(src, console, out_dir: Path) -> pd.DataFrame | None:
     if parts:  # a protocol: each part's own table and figures, then the claims
         files = []
         for part in parts:
-            sub = df[df["parts"].str.split(",").apply(lambda ps: part in ps)].copy()
+            sub = df[claims.in_part(df, part)].copy()
             sub["variant"] = sub["variant"].str.replace(r"^[^/]+/", "", regex=True)
             part_dir = out_dir / "parts" / part
             part_dir.mkdir(parents=True, exist_ok=True)
