@@ -50,6 +50,7 @@ METRICS = {
 }
 HEADLINE = next(iter(METRICS))
 WIDTH = 80  # the tables are built to be read in an 80-column terminal
+MODES_WRAP = 6  # modes figure with one gain: at most this many variant panels per row
 CURVES = (("train_loss", "train loss"), ("test_loss", "test loss"), ("test_accuracy", "test accuracy"))
 
 
@@ -449,11 +450,22 @@ def _panel_grid(df, h, rows: list[tuple[str, str]], path: Path, suptitle: str, d
                 ax.set_ylabel(label)
     handles = [Line2D([], [], **{k: v for k, v in style[v].items() if k not in ("zorder", "markevery")}, label=v)
                for v in variants] + list(extra_handles)
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
     fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 if len(handles) <= 5 else 0.11, 1, 1))
+    _legend_below(fig, handles, [h.get_label() for h in handles])
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _legend_below(fig, handles, labels) -> None:
+    """The shared legend under the panels, in as many columns as the figure's width holds for its
+    longest label (a fixed 5 columns ran off both edges with labels like 'qngd_d q=1.5 damping=0
+    clip=None'), with the figure's bottom reserved for as many legend rows as that needs."""
+    width, height = fig.get_size_inches()
+    entry_in = 0.75 + 0.062 * max(len(str(l)) for l in labels)   # handle + text at fontsize 8
+    ncol = max(1, min(len(labels), 5, int(width // entry_in)))
+    rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, min(0.45, (0.25 + 0.17 * rows) / height), 1, 1))
 
 
 def plot_curves(df, h, path: Path, title: str) -> bool:
@@ -538,9 +550,9 @@ def _teacher_values(df) -> list[float]:
 
 
 def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> bool:
-    """Fig 4D: per variant (columns) and gain (rows), the magnitude of the map along each teacher mode
-    (signal) and its largest component outside them (noise) vs step, seed mean ± std; dotted lines at
-    the teacher's singular values (what the signal modes should approach)."""
+    """Fig 4D: per variant (columns; wrapped when there is one gain) and gain (rows), the magnitude of
+    the map along each teacher mode (signal) and its largest component outside them (noise) vs step,
+    seed mean ± std; dotted lines at the teacher's singular values (what the signal modes approach)."""
     if not (h["key"].isin(signal_keys) & h["run_id"].isin(set(df["run_id"]))).any():
         return False
     gains = sorted(df["gain"].unique(), reverse=True)
@@ -548,43 +560,51 @@ def plot_modes(df, h, path: Path, title: str, signal_keys: list[str]) -> bool:
     teacher = _teacher_values(df)
     x_log = _log_spaced(h["step"])
     shades = plt.get_cmap("viridis")(np.linspace(0.0, 0.75, max(len(signal_keys), 1)))
-    fig, axes = plt.subplots(len(gains), len(variants), figsize=(max(3.2 * len(variants), 7.0), 2.8 * len(gains) + 0.9),
+    # One row per gain; with a single gain, the variants wrap into rows of at most MODES_WRAP panels (a
+    # 12-variant grid in one row was 4,000 px wide)
+    ncols = len(variants) if len(gains) > 1 else min(len(variants), MODES_WRAP)
+    nrows = len(gains) if len(gains) > 1 else -(-len(variants) // ncols)
+    panel_w = 3.2 if ncols <= 4 else 2.7
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(panel_w * ncols, 7.0), 2.8 * nrows + 0.9),
                              squeeze=False, sharey=True, sharex=True)
-    for r, gain in enumerate(gains):
-        for c, v in enumerate(variants):
-            ax, seen = axes[r][c], []
-            run_ids = df[(df["variant"] == v) & (df["gain"] == gain)]["run_id"]
-            lines = [(k, dict(color=shades[i], ls="-", lw=1.7), f"signal {k.split('.')[-1]}")
-                     for i, k in enumerate(signal_keys)] + [("noise_mode", dict(color="crimson", ls="--", lw=1.7),
-                                                            "noise")]
-            for key, st, label in lines:
-                stats = _seed_stats(h, run_ids, key, absolute=True)
-                if stats is None:
-                    continue
-                mean, std = stats
-                keep = (mean.index > 0 if x_log else mean.index >= 0) & (mean.values > 0)
-                lo = np.maximum(mean.values[keep] - std.values[keep], mean.values[keep] * 1e-3)
-                ax.fill_between(mean.index[keep], lo, mean.values[keep] + std.values[keep], color=st["color"],
-                                alpha=0.15, lw=0)
-                ax.plot(mean.index[keep], mean.values[keep], label=label, **st)
-                seen += list(mean.values[keep])
-            for s in teacher:
-                ax.axhline(s, color="0.35", ls=":", lw=1.0, zorder=0)
-            _axes_scale(ax, x_log, seen + teacher)
-            if r == 0:
-                ax.set_title(v)
-            if r == len(gains) - 1:
-                ax.set_xlabel("step" + (" (log)" if x_log else ""))
-            if c == 0:
-                ax.set_ylabel(f"gain {fmt_gain(gain)}\n|mode| of the map")
+    cells = [(gain, v, r, c) for r, gain in enumerate(gains) for c, v in enumerate(variants)] if len(gains) > 1 \
+        else [(gains[0], v, i // ncols, i % ncols) for i, v in enumerate(variants)]
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for gain, v, r, c in cells:
+        ax, seen = axes[r][c], []
+        run_ids = df[(df["variant"] == v) & (df["gain"] == gain)]["run_id"]
+        lines = [(k, dict(color=shades[i], ls="-", lw=1.7), f"signal {k.split('.')[-1]}")
+                 for i, k in enumerate(signal_keys)] + [("noise_mode", dict(color="crimson", ls="--", lw=1.7),
+                                                        "noise")]
+        for key, st, label in lines:
+            stats = _seed_stats(h, run_ids, key, absolute=True)
+            if stats is None:
+                continue
+            mean, std = stats
+            keep = (mean.index > 0 if x_log else mean.index >= 0) & (mean.values > 0)
+            lo = np.maximum(mean.values[keep] - std.values[keep], mean.values[keep] * 1e-3)
+            ax.fill_between(mean.index[keep], lo, mean.values[keep] + std.values[keep], color=st["color"],
+                            alpha=0.15, lw=0)
+            ax.plot(mean.index[keep], mean.values[keep], label=label, **st)
+            seen += list(mean.values[keep])
+        for s in teacher:
+            ax.axhline(s, color="0.35", ls=":", lw=1.0, zorder=0)
+        _axes_scale(ax, x_log, seen + teacher)
+        if r == 0 or len(gains) == 1:
+            ax.set_title(v, fontsize=9 if ncols > 4 else 11)
+        if r == nrows - 1 or (len(gains) == 1 and (r + 1) * ncols + c >= len(variants)):
+            ax.set_xlabel("step" + (" (log)" if x_log else ""))
+            ax.xaxis.set_tick_params(labelbottom=True)   # sharex hides them above an empty panel
+        if c == 0:
+            ax.set_ylabel(f"gain {fmt_gain(gain)}\n|mode| of the map")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if teacher:
         handles.append(Line2D([], [], color="0.35", ls=":", lw=1.0))
         labels.append("teacher's singular values " + ", ".join(f"{s:g}" for s in teacher))
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(f"{title}: signal and noise modes of the input-output map (|value|, mean ± std over seeds)",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    _legend_below(fig, handles, labels)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

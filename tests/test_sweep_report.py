@@ -147,3 +147,26 @@ def test_eta_from_per_variant_costs():
     p.started(todo[5], "ngd n2")
     time.sleep(0.2)
     assert p.eta() == pytest.approx((3 * 2 + 1 * 10 + 10 - 0.2) / 2, abs=0.05)
+
+
+@pytest.mark.parametrize("n_labels, width", [(3, 7.0), (13, 7.0), (13, 16.0)])
+def test_shared_legend_stays_inside_the_figure_and_below_the_panels(n_labels, width):
+    """Long variant labels ('qngd_d q=1.5 damping=0 clip=None', fractional_q's 12 variants) ran off both
+    edges of a 7-inch figure with a fixed 5-column legend; measured here with the drawn extents."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(2, 1, figsize=(width, 6.7), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xlabel("step (log)")
+    labels = [f"qngd_d q={q} damping=1e-05 clip=0.1" for q in range(n_labels)]
+    report._legend_below(fig, [Line2D([], [], label=l) for l in labels], labels)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert 0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and 0 <= legend.y0, (legend, fig.bbox)
+    lowest_panel = min(ax.get_tightbbox(renderer).y0 for ax in axes.flat)   # x label included
+    assert legend.y1 <= lowest_panel, (legend.y1, lowest_panel)
+    plt.close(fig)
