@@ -1,6 +1,7 @@
 """Does the amortised block rule (``optimizer.curvature_every: k``) reproduce the exact rule's S.I.3 result?
 
-sqrtNGD-d (undamped, lr 0.1) on MNIST at gains 1, 1e-2, 1e-4, 1e-6 with the ``mnist_gain`` experiment's
+sqrtNGD-d (undamped, lr 0.1; ``--rule ngd_d``: NGD-d with its S.I.3 damping and lr per gain) on MNIST
+at gains 1, 1e-2, 1e-4, 1e-6 with the ``mnist_gain`` experiment's
 budget (100 steps of batch 128 on 5,000 training images, 2,000 test images), seeds 0-2: the exact rule
 (k = 1) and the amortised one side by side (and, with --mixed, precision mixed). Reported per gain:
 final test loss of each, their ratio, divergences, the refresh rate (share of output factors
@@ -12,6 +13,7 @@ only), from the same steps run in-process (sqrtNGD-d, lr 0.1, batch 128 on the f
 images, the trainer's init): which factors the refresh rule actually skips.
 
 Usage: python bench/bench_amortised.py [--every 10] [--seeds 0 1 2] [--steps 100] [--mixed] [--by-layer]
+       [--rule ngd_d]
 """
 
 from __future__ import annotations
@@ -31,9 +33,15 @@ from trainers import run_trial  # noqa: E402
 GAINS = (1.0, 1e-2, 1e-4, 1e-6)
 
 
-def trial(seed, gain, steps, device, **opt):
+# NGD-d's S.I.3 settings (conf/experiment/mnist_gain.yaml): damping and lr zipped with the gain
+NGD_D = {1.0: {"lr": 0.03, "damping": 1e-3}, 1e-2: {"lr": 0.03, "damping": 1e-3},
+         1e-4: {"lr": 3e-5, "damping": 1e-6}, 1e-6: {"lr": 3e-6, "damping": 1e-7}}
+
+
+def trial(seed, gain, steps, device, rule="sqrt_ngd_d", **opt):
+    base = {"name": "sqrt_ngd_d", "lr": 0.1} if rule == "sqrt_ngd_d" else {"name": rule, **NGD_D[gain]}
     cfg = {"seed": seed, "device": device,
-           "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, **opt},
+           "optimizer": {**base, **opt},
            "trainer": {"name": "mnist_mlp", "gain": gain, "steps": steps, "eval_every": steps,
                        "train_subset": 5000, "test_subset": 2000}}
     t = time.perf_counter()
@@ -78,6 +86,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--by-layer", action="store_true", help="only the per-layer refresh rates (see above)")
+    ap.add_argument("--rule", default="sqrt_ngd_d", choices=["sqrt_ngd_d", "ngd_d"],
+                    help="ngd_d: with its S.I.3 damping and lr per gain (mnist_gain.yaml)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.by_layer:
@@ -97,7 +107,7 @@ def main():
         per = {m: [] for m in modes}
         for seed in args.seeds:
             for m, opt in modes.items():            # alternate modes: the same machine state
-                per[m].append(trial(seed, gain, args.steps, args.device, **opt))
+                per[m].append(trial(seed, gain, args.steps, args.device, args.rule, **opt))
         row = {}
         for m, runs in per.items():
             row[m] = {"test_loss": [round(r["test_loss"], 4) for r in runs],
@@ -111,7 +121,7 @@ def main():
         rows[f"{gain:g}"] = row
         print(f"gain {gain:g}:", json.dumps(row), flush=True)
     ok = all(v["within_5pct"] for row in rows.values() for k, v in row.items() if k != "exact")
-    print(json.dumps({"sqrt_ngd_d_mnist_gain": rows, "every": args.every, "seeds": args.seeds,
+    print(json.dumps({f"{args.rule}_mnist_gain": rows, "every": args.every, "seeds": args.seeds,
                       "steps": args.steps, "all_within_5pct_no_divergence": ok,
                       "load_avg_1min": os.getloadavg()[0]}))
 

@@ -156,10 +156,26 @@ def test_a_stale_output_factor_follows_a_pure_scale_change_without_a_refresh():
     assert rel(got, want) < 1e-9
 
 
-def test_a_stale_output_factor_is_used_as_the_dense_stale_kronecker_power_or_refreshed():
+def ekfac_factor(g_old, g_new):
+    """Dense reference of the stale factor: g_old's eigenbasis Q, g_new's curvature on it,
+    Q diag(Q^T g_new Q) Q^T; and the off-diagonal mass ||offdiag(Q^T g_new Q)||_F / ||g_new||_F."""
+    _, qb = torch.linalg.eigh(g_old)
+    rot = qb.T @ g_new @ qb
+    off = float((rot - torch.diag(rot.diagonal())).norm() / g_new.norm())
+    return qb @ torch.diag(rot.diagonal()) @ qb.T, off
+
+
+def curvature_ratio(d, g_new, g_hat, a):
+    """tr(D^T G D A) / tr(D^T G_hat D A): the step's curvature under the exact G over G_hat's."""
+    return float(torch.trace(d.T @ g_new @ d @ a) / torch.trace(d.T @ g_hat @ d @ a))
+
+
+def test_a_stale_output_factor_is_the_dense_eigenvalue_corrected_kronecker_power_or_refreshed():
     """After an SGD-sized change of the weights and a new batch, each layer's direction is either
-    f(A_fresh (x) c G_old) g_fresh (stale, c = tr G_fresh / tr G_old, all from dense Jacobians at the
-    old and new weights) or, where the check refreshed it, the exact f(A_fresh (x) G_fresh) g_fresh.
+    c f(A_fresh (x) G_hat) g_fresh with G_hat = Q diag(Q^T G_fresh Q) Q^T (Q: the old G's eigenbasis,
+    all from dense Jacobians at the old and new weights) and c = rho^(-1/2), rho the reported
+    curvature ratio along the step; or, where the rule refreshed it, the exact f(A_fresh (x) G_fresh)
+    g_fresh. The reported off-diagonal mass is the dense one; rho estimates the dense curvature ratio.
     A drastic change of the layers above (new random weights) must refresh."""
     model = mlp(9)
     x0, y0 = data(9, 10)
@@ -172,12 +188,19 @@ def test_a_stale_output_factor_is_used_as_the_dense_stale_kronecker_power_or_ref
     x1, y1 = data(9, 11)
     new = dense_factors_and_grads(model, x1, y1)
     got = step(pre, model, x1, y1)
+    am = pre.amortised
     flags = pre.last_info["refreshed"]
     d = len(new)
     for i, ((a, gf, g), (_, g_old, _)) in enumerate(zip(new, old)):
-        factor = gf if flags[i] else g_old * (torch.trace(gf) / torch.trace(g_old))
-        want = dense_power(torch.kron(factor, a), g.reshape(-1), 2.0, 0.0).reshape(g.shape) / math.sqrt(d)
-        assert rel([got[i]], [want]) < 1e-8, (i, flags)
+        g_hat, off = ekfac_factor(g_old, gf)
+        assert am.offdiag[i] == pytest.approx(off, rel=1e-9, abs=1e-12), i
+        if flags[i]:
+            want = dense_power(torch.kron(gf, a), g.reshape(-1), 2.0, 0.0).reshape(g.shape) / math.sqrt(d)
+            assert rel([got[i]], [want]) < 1e-8, (i, flags)
+            continue
+        raw = dense_power(torch.kron(g_hat, a), g.reshape(-1), 2.0, 0.0).reshape(g.shape) / math.sqrt(d)
+        assert rel([got[i]], [raw * am.rho[i] ** -0.5]) < 1e-8, (i, flags)
+        assert am.rho[i] == pytest.approx(curvature_ratio(raw, gf, g_hat, a), rel=0.3), i
     assert not all(flags)                                        # a small change reuses something
     with torch.no_grad():                                        # the layers above replaced: refresh
         for m in [m for m in model if isinstance(m, nn.Linear)][1:]:
@@ -185,7 +208,47 @@ def test_a_stale_output_factor_is_used_as_the_dense_stale_kronecker_power_or_ref
     want = exact_reference(model, x1, y1)
     got = step(pre, model, x1, y1)
     assert pre.last_info["refreshed"][:2] == [True, True]
-    assert rel(got, want) < 1e-9
+    assert rel(got[:2], want[:2]) < 1e-9
+
+
+def test_a_basis_that_no_longer_diagonalises_g_is_decomposed_afresh():
+    """Built to need a refresh: mse, every ReLU on (biases 5), so layer 2's output factor is
+    G_2 = W_3^T W_3 whatever the batch; W_3 <- W_3 R^T with R a 45-degree rotation of G_2's largest and
+    smallest nonzero eigenvectors turns it into R G_2 R^T: same spectrum and trace, so a trace rescale would
+    see nothing, but the old basis no longer diagonalises it (dense off-diagonal mass > OFFDIAG).
+    The rule must report that mass, decompose afresh and give the exact direction."""
+    model = mlp(15)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.bias.fill_(5.0)
+                m.weight.mul_(0.3)
+        gen = torch.Generator().manual_seed(15)          # W_3 with one dominant direction: G_2's spectrum 4, .04, .01
+        u3 = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=F64))[0]
+        v3 = torch.linalg.qr(torch.randn(5, 3, generator=gen, dtype=F64))[0]
+        model[4].weight.copy_(u3 @ torch.diag(torch.tensor([2.0, 0.2, 0.1], dtype=F64)) @ v3.T)
+    x, _ = data(9, 16)
+    y = torch.randn(9, 3, generator=torch.Generator().manual_seed(16), dtype=F64)
+    pre = CurvaturePreconditioner(model, q=2.0, structure="block", curvature_every=10, loss="mse")
+    step(pre, model, x, y)
+    g_old = dense_factors_and_grads(model, x, y, "mse")[1][1]
+    evals, vecs = torch.linalg.eigh(g_old)
+    top, low = vecs[:, -1], vecs[:, 2]                  # G_2 has rank 3 (W_3 is 3 x 5): the range's ends
+    c = math.sqrt(0.5)
+    rot = torch.eye(5, dtype=F64) + (c - 1) * (torch.outer(top, top) + torch.outer(low, low)) \
+        + c * (torch.outer(low, top) - torch.outer(top, low))
+    with torch.no_grad():
+        model[4].weight.copy_(model[4].weight @ rot.T)
+    new = dense_factors_and_grads(model, x, y, "mse")
+    g_new = new[1][1]
+    assert torch.allclose(g_new, rot @ g_old @ rot.T, atol=1e-12)     # the case is what it claims
+    _, off = ekfac_factor(g_old, g_new)
+    assert off > pre.amortised.OFFDIAG
+    want = exact_reference(model, x, y, loss="mse")
+    got = step(pre, model, x, y)
+    assert pre.amortised.offdiag[1] == pytest.approx(off, rel=1e-9)
+    assert pre.last_info["refreshed"][1]
+    assert rel([got[1]], [want[1]]) < 1e-9
 
 
 def test_mixed_precision_matches_float64_within_its_tolerance_and_falls_back_where_float32_cannot_tell():
