@@ -266,8 +266,8 @@ class CurvaturePreconditioner:
         if amort is not None:
             redo = amort.check(rows, bsz, stale, lefts, checks)     # one host sync
             if redo:
-                fresh = self._decompose([(rows[i], False) for i in redo], bsz)
-                for i, left in zip(redo, fresh):
+                for i in redo:
+                    left = amort.fresh(i)                            # eigh of the Gram stale() formed
                     amort.store(i, left)
                     dirs[i], _ = self._layer_direction(i, left, rights[i], thin[i], None if fused else
                                                        torch.cat([linears[i].weight.grad, linears[i].bias.grad[:, None]], 1).to(cd))
@@ -450,7 +450,11 @@ def _gram_eig(rows, bsz, dtype, rows_side=False):
     largest entry, so float32 squares of 1e-24 activations do not underflow. A zero matrix gives zero
     eigenvalues (hence a zero direction), NaN/Inf a clear error.
     """
-    gram, trace, scale = _normalised_gram(rows, bsz, rows_side)
+    return _normalised_eig(*_normalised_gram(rows, bsz, rows_side))
+
+
+def _normalised_eig(gram, trace, scale):
+    """_gram_eig's eigen-pairs from ``_normalised_gram``'s output."""
     try:
         evals, evecs = torch.linalg.eigh(gram)
     except torch.linalg.LinAlgError:
@@ -514,19 +518,22 @@ class _AmortisedOutputFactors:
         self.offdiag: list[float | None] = []       # last step's off-diagonal mass per layer (None: fresh)
         self.rho: list[float | None] = []           # last step's curvature ratio along the step
         self._off: list = []
+        self._grams: list = []
 
     def stale(self, rows, bsz):
         """Per layer: ``(diag(Q^T G Q), Q)`` in the stale basis Q, or None (decompose afresh)."""
         self.steps += 1
         if not self.state:
             self.state, self.refreshes = [None] * len(rows), [0] * len(rows)
-        out, self._off = [], []
+        out, self._off, self._grams = [], [], []
         for r, st in zip(rows, self.state):
             if st is None or st["since"] >= self.every:
                 out.append(None)
                 self._off.append(None)
+                self._grams.append(None)
                 continue
             gram, trace, scale = _normalised_gram(r, bsz)
+            self._grams.append((gram, trace, scale))
             q = st["u"]
             gq = gram @ q
             d = (q * gq).sum(dim=0)                              # diag(Q^T G Q) / tr G
@@ -563,6 +570,10 @@ class _AmortisedOutputFactors:
             else:
                 redo.append(i)
         return redo
+
+    def fresh(self, i):
+        """Layer i's output factor decomposed afresh (compute dtype) from the Gram stale() formed."""
+        return _normalised_eig(*self._grams[i])
 
     def store(self, i, left):
         self.state[i] = {"u": left[1], "since": 1}
