@@ -36,8 +36,9 @@ class OptimizerConfig:
     i.e. SGD, as damping -> inf) (block: per layer, with the 1/d^(1/q) factor), then, when ``clip`` is
     set, the whole update lr*D is scaled down to norm ``clip``. ``rtol`` is the Moore–Penrose cut-off
     relative to the largest eigenvalue (null = the update-rule module's default). ``curvature_every``
-    (block rules, mnist_mlp): 1 = exact curvature every step; k > 1 reuses the output factors'
-    decompositions for up to k steps under a refresh rule (trainers.mlp_curvature). ``precision``:
+    (block rules, mnist_mlp): 1 = exact curvature every step; k > 1 keeps the output factors'
+    eigenbases for up to k steps, their eigenvalues refreshed per batch, under a refresh rule
+    (trainers.mlp_curvature). ``precision``:
     ``float64`` (exact) or ``mixed`` (float32 decompositions where a condition estimate says they
     match float64, float64 otherwise; block rules)."""
 
