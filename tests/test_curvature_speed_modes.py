@@ -280,6 +280,8 @@ def test_amortised_and_mixed_settings_are_checked():
         CurvaturePreconditioner(mlp(0), q=2.0, structure="full", curvature_every=4)
     with pytest.raises(ValueError, match="precision"):
         CurvaturePreconditioner(mlp(0), q=2.0, structure="block", precision="bf16")
+    with pytest.raises(ValueError, match="optimizer.precision"):
+        CurvaturePreconditioner(mlp(0), q=2.0, structure="full", precision="float32")
 
 
 def test_speed_modes_are_refused_where_they_do_not_apply():
@@ -290,6 +292,12 @@ def test_speed_modes_are_refused_where_they_do_not_apply():
         check_config({**base, "optimizer": {"name": "sqrt_ngd", "lr": 0.1, "curvature_every": 10}})
     with pytest.raises(ValueError, match="optimizer.precision"):
         check_config({**base, "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, "precision": "half"}})
+    check_config({**base, "optimizer": {"name": "sqrt_ngd", "lr": 0.1, "precision": "mixed"}})   # full rule too
+    with pytest.raises(ValueError, match="optimizer.precision.*plain SGD"):
+        check_config({**base, "optimizer": {"name": "sgd", "lr": 0.1, "precision": "mixed"}})
+    with pytest.raises(ValueError, match="mnist_mlp only"):
+        check_config({"seed": 0, "device": "cpu", "trainer": {"name": "linear_teacher"},
+                      "optimizer": {"name": "sqrt_ngd", "lr": 0.1, "precision": "mixed"}})
     with pytest.raises(ValueError, match="mnist_mlp only"):
         check_config({"seed": 0, "device": "cpu", "trainer": {"name": "linear_teacher"},
                       "optimizer": {"name": "sqrt_ngd_d", "lr": 0.1, "curvature_every": 10}})

@@ -40,7 +40,7 @@ class OptimizerConfig:
     eigenbases for up to k steps, their eigenvalues refreshed per batch, under a refresh rule
     (trainers.mlp_curvature). ``precision``:
     ``float64`` (exact) or ``mixed`` (float32 decompositions where a condition estimate says they
-    match float64, float64 otherwise; block rules)."""
+    match float64, float64 otherwise; block and full rules, mnist_mlp)."""
 
     name: str = "sgd"
     q: float = math.inf
@@ -90,9 +90,10 @@ class OptimizerConfig:
                              f"sqrt_ngd_d, qngd_d); {cfg.name} is exact per batch only: use 1")
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"optimizer.precision={cfg.precision!r} must be one of {list(PRECISIONS)}")
-        if cfg.precision != "float64" and cfg.structure != "block":
-            raise ValueError(f"optimizer.precision={cfg.precision!r} needs a block rule (ngd_d, sqrt_ngd_d, "
-                             f"qngd_d); {cfg.name} runs in float64: use precision float64")
+        if cfg.precision != "float64" and math.isinf(cfg.q):
+            raise ValueError(f"optimizer.precision={cfg.precision!r} needs a curvature rule (q < inf: ngd, sqrt_ngd, "
+                             f"qngd, ngd_d, sqrt_ngd_d, qngd_d); {cfg.name} with q=inf is plain SGD and has no "
+                             f"decomposition: use precision float64")
         return cfg
 
 
@@ -245,7 +246,8 @@ def check_config(config: Mapping) -> None:
 
 
 def check_speed_modes(trainer: str, opt: OptimizerConfig) -> None:
-    """``curvature_every`` / ``precision`` exist for the MLP's block rule only (trainers.mlp_curvature)."""
+    """``curvature_every`` (block rules) / ``precision`` (block and full rules) exist for the MLP only
+    (trainers.mlp_curvature)."""
     if trainer != "mnist_mlp" and (opt.curvature_every != 1 or opt.precision != "float64"):
         raise ValueError(f"optimizer.curvature_every and optimizer.precision apply to trainer mnist_mlp only; "
                          f"the {trainer} rule is exact in float64: use 1 and float64")

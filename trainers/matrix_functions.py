@@ -97,6 +97,52 @@ def eigh_psd(mat: torch.Tensor, *, dtype: torch.dtype = COMPUTE_DTYPE, scale=Non
     return evals.to(torch.float64).clamp_min(0) * total, evecs
 
 
+def mixed_eigh_psd(mat: torch.Tensor, *, cond_max: float, damping: float = 0.0, rtol: float = 0.0,
+                   cut: float = 0.0, scale=None):
+    """``eigh_psd`` in float32 where a cheap certificate says float32 resolves what ``f`` needs, else in float64.
+
+    Returns ``(evals float64, evecs float64, float32_used)``; when not certified the result is
+    ``eigh_psd(mat, scale=scale)`` itself (float64, bit for bit). ``damping`` and the cut-offs are those
+    ``f`` will use: ``rtol`` relative to the largest eigenvalue, ``cut`` absolute (both only without damping).
+
+    Why this certificate: float32 eigen-errors are ~ eps32 * lam_max (backward stable), so float32 can tell
+    neither float64's kept spectrum (down to n * eps64 * lam_max) from its dropped one nor a small kept
+    eigenvalue's size; sqrtNGD weights every kept direction O(1) however small its eigenvalue. It is
+    therefore used only when the spectrum ``f`` sees is well conditioned: ``lam_min + damping >=
+    (lam_max + damping) / cond_max`` and, undamped, ``lam_min >= 2 * max(rtol * lam_max, cut)`` (every
+    eigenvalue kept in both precisions, none near the cut-off). Then the relative eigen-errors, hence the
+    direction's, are ~ cond * eps32 * a few (<= 1e-2 at cond_max = 1e4). Cheap test first: a float32
+    Cholesky of ``M - tau I``, tau from the Frobenius bound ``||M||_F >= lam_max`` (~3 % of a float64 eigh
+    at n = 1152), so a rank-deficient or ill-conditioned matrix goes to float64 without a float32 eigh;
+    the float32 eigenvalues then confirm the condition (no extra cost).
+    """
+    m = mat.to(torch.float64)
+    m = 0.5 * (m + m.mT)
+    trace = m.diagonal().abs().sum()
+    if not torch.isfinite(trace) or trace == 0:
+        return (*eigh_psd(mat, scale=scale), False)             # its error / its zero matrix
+    total = trace * (1.0 if scale is None else float(scale))
+    m32 = (m / trace).to(torch.float32)
+    eps_n = float(damping / total)
+    floor = 1.0 / cond_max if damping > 0 else max(1.0 / cond_max, 2.0 * rtol)
+    low = 2.0 * float(cut / total) if damping == 0 else 0.0
+    tau = max(floor * (float(torch.linalg.matrix_norm(m32)) + eps_n) - eps_n, low)
+    ok = tau <= 0 or int(torch.linalg.cholesky_ex(
+        m32 - tau * torch.eye(m32.shape[0], dtype=m32.dtype, device=m32.device)).info) == 0
+    if ok:
+        try:
+            lam, vecs = torch.linalg.eigh(m32)
+        except torch.linalg.LinAlgError:
+            ok = False
+    if ok:
+        lam = lam.to(torch.float64).clamp_min(0)
+        lo, hi = float(lam[0]), float(lam[-1])
+        ok = lo + eps_n >= floor * (hi + eps_n) and lo >= low
+    if not ok:
+        return (*eigh_psd(mat, scale=scale), False)
+    return lam * total, vecs.to(torch.float64), True
+
+
 def spectral_factor(evals: torch.Tensor, q: float, damping: float, rtol: float,
                     form: str = "lm") -> torch.Tensor:
     """f(lam) of the module docstring, elementwise (any shape; lam_max over all entries)."""
@@ -226,7 +272,7 @@ def one_grade(scales, gap: float = GRADE_GAP) -> bool:
 
 
 def graded_power_apply(terms, rhs: torch.Tensor, q: float, damping: float = 0.0, rtol: float | None = None,
-                       gap: float = GRADE_GAP):
+                       gap: float = GRADE_GAP, last_eigh=None):
     """Per term t a vector ``w_t`` with ``K_t w_t = K_t f(M) rhs``, ``M = sum_t K_t^T K_t``, exact where the
     terms' scales span far more than float64's 1e-16 (docs/curvature.md, "Graded full rule").
 
@@ -243,6 +289,11 @@ def graded_power_apply(terms, rhs: torch.Tensor, q: float, damping: float = 0.0,
     Moore-Penrose cut-off: an eigenvalue is dropped when <= ``rtol`` times the largest of its own grade
     (default ``n * eps``), the rounding level of that grade (with damping too: such directions' exact
     contribution is below sqrt(rtol) of their grade's). Returns ``(ws, sizes)``, sizes = rank per grade.
+
+    ``last_eigh(h, cut)`` (default ``eigh_psd(h)``) decomposes the last grade's decoupled block, the one
+    large eigh of this path; ``cut`` is its absolute cut-off. A caller may pass a mixed-precision one
+    (:func:`mixed_eigh_psd`); the grades' own splits stay float64 (they separate eigenvalues down to the
+    cut-off, which float32 cannot resolve).
     """
     n = rhs.shape[0]
     rtol = default_rtol(n) if rtol is None else rtol
@@ -297,7 +348,7 @@ def graded_power_apply(terms, rhs: torch.Tensor, q: float, damping: float = 0.0,
         e = ends[k - 1]
         h[:e, :e] += v[:, :e].mT @ (g @ v[:, :e])
     h = 0.5 * (h + h.mT)
-    y = _graded_blocks_apply(h, sizes, v.mT @ rhs, q, damping, rtol * last_ref)
+    y = _graded_blocks_apply(h, sizes, v.mT @ rhs, q, damping, rtol * last_ref, last_eigh)
     ws = []
     for i in range(len(terms)):
         e = ends[reach[i] - 1] if i in reach else 0
@@ -325,7 +376,7 @@ def _complement_decomposition(group, prev):
     return lam, comp @ w
 
 
-def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0):
+def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0, last_eigh=None):
     """``f(h) rhs`` for a PSD ``h`` whose diagonal blocks (``sizes``) are graded: block 0's eigenvalues exceed
     everything coupled to it by >= 1/GRADE_GAP, and so on down. No entry ever mixes two grades.
 
@@ -336,7 +387,7 @@ def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0):
     by the coupling, never added to large ones. Eigenvalues of the last block <= ``last_cut`` are dropped.
     """
     if len(sizes) == 1:
-        lam, vecs = eigh_psd(h)
+        lam, vecs = eigh_psd(h) if last_eigh is None else last_eigh(h, last_cut)
         f = spectral_factor(lam, q, damping, 0.0) * (lam > last_cut)
         return vecs @ (f * (vecs.mT @ rhs))
     k = sizes[0]
@@ -366,7 +417,7 @@ def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0):
     b1 = b1 + z @ (x.mT @ b1)
     lam, vecs = eigh_psd(0.5 * (top + top.mT))
     a0 = vecs @ (spectral_factor(lam, q, damping, 0.0) * (vecs.mT @ b0))
-    a1 = _graded_blocks_apply(0.5 * (rest + rest.mT), sizes[1:], b1, q, damping, last_cut)
+    a1 = _graded_blocks_apply(0.5 * (rest + rest.mT), sizes[1:], b1, q, damping, last_cut, last_eigh)
     n1a1 = a1 + z @ (x.mT @ a1)
     n0a0 = n0 @ a0
     return torch.cat([n0a0 - x.mT @ n1a1, x @ n0a0 + n1a1])

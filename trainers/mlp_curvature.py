@@ -57,6 +57,7 @@ from trainers.matrix_functions import (
     GramTerm,
     finish_directions,
     graded_power_apply,
+    mixed_eigh_psd,
     one_grade,
     psd_power_apply,
     spectral_factor,
@@ -64,8 +65,9 @@ from trainers.matrix_functions import (
 )
 
 LOSSES = ("cross_entropy", "mse")
-# precision="mixed": a factor is decomposed in float32 only when its float32 spectrum has condition
-# <= this (eigen-errors ~ cond * eps32 * a few: the direction within 1e-2 of float64); else float64
+# precision="mixed": a factor (block) or the output-space Gram / its last grade (full) is decomposed in
+# float32 only when its float32 spectrum has condition <= this (eigen-errors ~ cond * eps32 * a few:
+# the direction within 1e-2 of float64); else float64
 MIXED_COND_MAX = 1e4
 
 
@@ -89,8 +91,6 @@ class CurvaturePreconditioner:
                              f"sqrt_ngd_d, qngd_d); the full rule is exact per batch only: use 1")
         if precision not in ("float64", "mixed"):
             raise ValueError(f"optimizer.precision must be 'float64' or 'mixed', got {precision!r}")
-        if precision != "float64" and structure != "block":
-            raise ValueError("optimizer.precision='mixed' needs structure 'block'; the full rule runs in float64")
         self.precision = precision
         self.layers = _parse_model(model)
         self.curvature_every = curvature_every
@@ -360,15 +360,32 @@ class CurvaturePreconditioner:
             gram += term.to(torch.float64) * (sa * sa * sd * sd / bsz)
         gram = gram.reshape(bsz * ncol, bsz * ncol)
         top = float(gram.abs().max())
+        self._fallbacks = 0
         if top == 0:
             w = torch.zeros_like(u)
+        elif self.precision == "mixed":
+            evals, evecs = self._mixed_eigh(gram / top, rtol=rtol, scale=top)
+            f = spectral_factor(evals, self.q, self.damping, rtol)
+            w = (evecs @ ((evecs.mT @ u.reshape(-1).to(torch.float64)) * f)).reshape(bsz, ncol).to(cd)
         else:
             w = psd_power_apply((gram / top).to(cd), u.reshape(-1), self.q, self.damping, rtol,
                                 dtype=cd, scale=top).reshape(bsz, ncol)
         self.last_info = {"structure": "full", "q": self.q, "gram_size": bsz * ncol, "grades": [bsz * ncol]}
+        if self.precision == "mixed":
+            self.last_info["float64_fallbacks"] = self._fallbacks
         # K w at layer l: 1/sqrt(B) sum_{n,c} w_{n,c} delta_{n,c,l} abar_{n,l}^T
         return [torch.einsum("nc,nco->on", w, dl) @ ab / math.sqrt(bsz)
                 for ab, dl in zip(b["abars"], b["deltas"])]
+
+    def _mixed_eigh(self, mat, *, rtol=0.0, cut=0.0, scale=None):
+        """``precision='mixed'``, full rule: the output-space Gram (one grade) or the last grade's block
+        (graded path: the only large eigh there) in float32 when ``mixed_eigh_psd`` certifies it
+        (condition of the damped spectrum <= MIXED_COND_MAX, nothing near the cut-off), else float64;
+        fallbacks counted in ``last_info['float64_fallbacks']`` (0 or 1 per step)."""
+        evals, evecs, f32 = mixed_eigh_psd(mat, cond_max=MIXED_COND_MAX, damping=self.damping, rtol=rtol,
+                                           cut=cut, scale=scale)
+        self._fallbacks += not f32
+        return evals, evecs
 
     def _graded_full_directions(self, rtol):
         """The same direction when the layers' Gram terms span more scales than float64 holds (tiny
@@ -385,8 +402,13 @@ class CurvaturePreconditioner:
             ff = flat @ flat.mT
             terms.append(GramTerm(ff, flat))                                               # bias
             terms.append(GramTerm((ff.reshape(bsz, ncol, bsz, ncol) * (a @ a.mT)[:, None, :, None]).reshape(n, n)))
-        ws, sizes = graded_power_apply(terms, u.reshape(-1), self.q, self.damping, rtol)
+        self._fallbacks = 0
+        mixed = self.precision == "mixed"
+        ws, sizes = graded_power_apply(terms, u.reshape(-1), self.q, self.damping, rtol,
+                                       last_eigh=(lambda h, cut: self._mixed_eigh(h, cut=cut)) if mixed else None)
         self.last_info = {"structure": "full", "q": self.q, "gram_size": n, "grades": sizes}
+        if mixed:
+            self.last_info["float64_fallbacks"] = self._fallbacks
         dirs = []
         for l, (ab, dl) in enumerate(zip(b["abars"], b["deltas"])):
             d64 = dl.to(torch.float64)
