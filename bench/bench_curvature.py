@@ -13,8 +13,11 @@
    Gram and eigh, each timed alone on the step's own matrices (``block_breakdown``); the amortised
    mode's floor the same way (what stays exact per batch plus its eigenvalue refresh G Q).
 
+4. precision='mixed' vs float64 at gains 1, 1e-2, 1e-6, sqrtNGD-d and full sqrtNGD (``mixed_precision``,
+   ``mixed_precision_full``): direction difference, float64 fallbacks, step time ratio (interleaved).
+
 Usage: python bench/bench_curvature.py [--repeats 7] [--threads N] [--skip-n32-dense] [--mlp-only]
-       [--skip-full] [--device cuda]
+       [--skip-full] [--mixed-only] [--full-repeats 3] [--device cuda]
 (--threads 1 on a machine loaded by other jobs: 2 contending BLAS threads there ran ~10x slower.)
 """
 
@@ -251,10 +254,11 @@ def block_breakdown(repeats, device):
     return med
 
 
-def mixed_accuracy(repeats, device):
-    """precision='mixed' vs float64 for sqrtNGD-d on the MNIST-shaped net at gains 1, 1e-2, 1e-6 (orthogonal
-    init x gain, the trainer's): relative direction difference, float64 fallbacks (of 8 factors), and the
-    step time ratio mixed / float64 (interleaved). The full rule has no mixed mode (it refuses it)."""
+def mixed_accuracy(repeats, device, structure="block"):
+    """precision='mixed' vs float64 for sqrtNGD-d (``structure='block'``) or full sqrtNGD (``'full'``) on the
+    MNIST-shaped net at gains 1, 1e-2, 1e-6 (orthogonal init x gain, the trainer's): relative direction
+    difference, float64 fallbacks (block: of 8 factors; full: of 1, the Gram or the graded path's last
+    grade), and the step time ratio mixed / float64 (interleaved, one fixed batch and initial state)."""
     from trainers.mnist_mlp import build_model
 
     x, y = mnist_like_batch(device)
@@ -263,7 +267,7 @@ def mixed_accuracy(repeats, device):
         runs = {}
         for prec in ("float64", "mixed"):
             model = build_model([784, 300, 100, 30, 10], gain, torch.Generator().manual_seed(0)).to(device)
-            pre = CurvaturePreconditioner(model, q=2.0, structure="block", precision=prec)
+            pre = CurvaturePreconditioner(model, q=2.0, structure=structure, precision=prec)
 
             def step(pre=pre, model=model):
                 model.zero_grad()
@@ -272,10 +276,15 @@ def mixed_accuracy(repeats, device):
             step()
             runs[prec] = (step, torch.cat([p.grad.double().reshape(-1) for p in model.parameters()]), pre)
         d64, dmix = runs["float64"][1], runs["mixed"][1]
-        med, _ = interleaved({k: v[0] for k, v in runs.items()}, repeats, device)
-        out[f"{gain:g}"] = {"rel_diff": float((dmix - d64).norm() / d64.norm()),
-                            "float64_fallbacks_of_8": runs["mixed"][2].last_info["float64_fallbacks"],
-                            "mixed_over_float64_time": med["mixed"] / med["float64"]}
+        med, best = interleaved({k: v[0] for k, v in runs.items()}, repeats, device)
+        info = runs["mixed"][2].last_info
+        row = {"rel_diff": float((dmix - d64).norm() / d64.norm()),
+               f"float64_fallbacks_of_{8 if structure == 'block' else 1}": info["float64_fallbacks"],
+               "mixed_over_float64_time": med["mixed"] / med["float64"]}
+        if structure == "full":
+            row.update(grades=info["grades"], float64_ms=med["float64"], mixed_ms=med["mixed"],
+                       mixed_over_float64_best=best["mixed"] / best["float64"])
+        out[f"{gain:g}"] = row
     return out
 
 
@@ -287,9 +296,20 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda: the MLP steps run there unchanged")
     ap.add_argument("--mlp-only", action="store_true", help="only the MLP step table and its breakdown")
     ap.add_argument("--skip-full", action="store_true", help="leave out the full rule (seconds per step on CPU)")
+    ap.add_argument("--mixed-only", action="store_true", help="only the mixed-precision comparison (both rules)")
+    ap.add_argument("--full-repeats", type=int, default=3, help="repeats of the full rule's mixed comparison "
+                    "(its step takes 0.5-5 s on CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mixed_only:
+        mixed = mixed_accuracy(args.repeats, args.device)
+        print("precision mixed vs float64 (sqrtNGD-d):", mixed, flush=True)
+        mixed_full = None if args.skip_full else mixed_accuracy(args.full_repeats, args.device, "full")
+        print("precision mixed vs float64 (full sqrtNGD):", mixed_full, flush=True)
+        print(json.dumps({"mixed_precision": mixed, "mixed_precision_full": mixed_full, "device": args.device,
+                          "torch_threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}))
+        return
     if args.mlp_only:
         mlp = bench_mlp(args.repeats, args.device, args.skip_full)
         print("mlp [784,300,100,30,10] B=128:", mlp, flush=True)
@@ -297,7 +317,10 @@ def main():
         print("exact sqrtNGD-d step breakdown (ms):", brk, flush=True)
         mixed = mixed_accuracy(args.repeats, args.device)
         print("precision mixed vs float64 (sqrtNGD-d):", mixed, flush=True)
-        print(json.dumps({"mlp_step": mlp, "block_breakdown": brk, "mixed_precision": mixed, "device": args.device,
+        mixed_full = None if args.skip_full else mixed_accuracy(args.full_repeats, args.device, "full")
+        print("precision mixed vs float64 (full sqrtNGD):", mixed_full, flush=True)
+        print(json.dumps({"mlp_step": mlp, "block_breakdown": brk, "mixed_precision": mixed,
+                          "mixed_precision_full": mixed_full, "device": args.device,
                           "targets": {"exact_block_le_8x_sgd": mlp["sqrt_ngd_d_over_sgd"] <= 8,
                                       "amortised_block_le_3x_sgd": mlp["sqrt_ngd_d_every10_over_sgd"] <= 3},
                           "torch_threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}))
