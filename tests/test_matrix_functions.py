@@ -9,6 +9,7 @@ from trainers.matrix_functions import (
     default_rtol,
     eigh_psd,
     kron_power_apply,
+    mixed_eigh_psd,
     psd_power_apply,
     spectral_factor,
     validate_rule,
@@ -138,3 +139,32 @@ def test_graded_power_apply_matches_80_digit_reference_across_40_decades():
     single = psd_power_apply(sum(t.gram for t in terms), rhs, 2.0)
     ws, _ = graded_power_apply(terms, rhs, 2.0)
     assert float((factors[3].T @ single).norm()) < 1e-3 * float((factors[3].T @ ws[3]).norm())
+
+
+def psd_with_spectrum(gen, lam):
+    q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=gen, dtype=F64))
+    return (q * torch.as_tensor(lam, dtype=F64)) @ q.T
+
+
+def test_mixed_eigh_uses_float32_only_where_the_spectrum_f_sees_is_well_conditioned():
+    """Condition 1e3 at scale 1e-30: float32, f(M) v within 1e-4 of float64's (cond * eps32 ~ 1e-4);
+    condition 1e6 or rank-deficient: float64, eigh_psd's result bit for bit; the same 1e6 matrix damped by
+    1e-2 of lam_max: certified; an rtol of 1e-3 (a cut-off inside the spectrum): refused."""
+    gen = torch.Generator().manual_seed(40)
+    n = 60
+    v = torch.randn(n, generator=gen, dtype=F64)
+    good = psd_with_spectrum(gen, torch.logspace(0, -3, n)) * 1e-30
+    lam, vecs, f32 = mixed_eigh_psd(good, cond_max=1e4, rtol=default_rtol(n))
+    assert f32 and vecs.dtype == F64
+    e, u = torch.linalg.eigh(good * 1e30)
+    want = u @ (e.rsqrt() * (u.T @ v))
+    got = vecs @ ((lam * 1e30).rsqrt() * (vecs.T @ v))
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    bad = psd_with_spectrum(gen, torch.logspace(0, -6, n))
+    for mat in (bad, rank_deficient_psd(gen, n, n - 5)):
+        lam, vecs, f32 = mixed_eigh_psd(mat, cond_max=1e4, rtol=default_rtol(n))
+        ref = eigh_psd(mat)
+        assert not f32 and torch.equal(lam, ref[0]) and torch.equal(vecs, ref[1])
+    assert mixed_eigh_psd(bad, cond_max=1e4, damping=1e-2)[2]
+    assert not mixed_eigh_psd(good * 1e30, cond_max=1e4, rtol=1e-3)[2]
+    assert not mixed_eigh_psd(good * 1e30, cond_max=1e4, cut=1e-3)[2]

@@ -36,7 +36,9 @@ than one float64 matrix holds (last bias O(1), weights gain^(2(d-1))): then ever
 scale and the direction comes from ``graded_power_apply`` (docs/curvature.md, "Graded full rule").
 
 All curvature algebra runs in float64 (``compute_dtype``) on trace-normalised matrices, so gain 1e-6
-(factors ~1e-36) works; directions are cast back to the parameters' dtype. NaN/Inf directions raise
+(factors ~1e-36) works; directions are cast back to the parameters' dtype. ``precision="mixed"`` decomposes
+in float32 only what a condition certificate accepts (block: each factor, ``_decompose``; full: the Gram or
+the graded path's last grade, ``_mixed_eigh``), the rest in float64. NaN/Inf directions raise
 ``CurvatureOverflowError`` (q=1 without damping at tiny weights) instead of reaching the weights.
 """
 
@@ -101,6 +103,7 @@ class CurvaturePreconditioner:
         self.compute_dtype = compute_dtype
         self.d = sum(1 for kind, _ in self.layers if kind == "linear")
         self._fallbacks = 0
+        self.mixed_totals = [0, 0]            # precision="mixed": [steps, float64 fallbacks summed over them]
         self.last_info: dict = {}
         self._batch = None
 
@@ -218,6 +221,9 @@ class CurvaturePreconditioner:
             dirs = self._block_directions(linears)
         else:
             dirs = self._full_directions()
+        if "float64_fallbacks" in self.last_info:
+            self.mixed_totals[0] += 1
+            self.mixed_totals[1] += self.last_info["float64_fallbacks"]
         out_dtype = linears[0].weight.dtype
         dirs = finish_directions(dirs, out_dtype=out_dtype, residual_norm=self._batch["u"].norm(),
                                  q=self.q, damping=self.damping, what=f"{self.structure} MLP direction")
@@ -226,6 +232,12 @@ class CurvaturePreconditioner:
                 _set_grad(mod.weight, dd[:, :-1])
                 _set_grad(mod.bias, dd[:, -1])
         self._batch = None
+
+    def fallbacks_per_step(self):
+        """``precision='mixed'``: float64 fallbacks per step so far (block: of its 8 factor decompositions on
+        the MNIST MLP; full: of 1), what the trainer records as ``float64_fallbacks_per_step``."""
+        steps, fallbacks = self.mixed_totals
+        return fallbacks / steps if steps else 0.0
 
     def kronecker_factors(self):
         """Dense ``(A_l, G_l)`` of the last batch (for tests and diagnostics; precondition() never forms A_1)."""

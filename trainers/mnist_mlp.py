@@ -153,6 +153,8 @@ def _steps(cfg: MnistMlpConfig, opt: OptimizerConfig, device, seed, data) -> Ite
                        "norm_excess": diag.relu_norm_excess([m.weight for m in linears], [m.bias for m in linears])}
             if pre.amortised is not None:   # share of output factors decomposed afresh (1 = exact's cost)
                 metrics["curvature_refresh_rate"] = pre.amortised.refresh_rate()
+            if opt.precision == "mixed" and pre.mixed_totals[0]:      # decompositions redone in float64
+                metrics["float64_fallbacks_per_step"] = pre.fallbacks_per_step()
             yield tracker.eval(step, metrics)
         if step == steps:
             break
