@@ -234,8 +234,8 @@ class CurvaturePreconditioner:
         self._batch = None
 
     def fallbacks_per_step(self):
-        """``precision='mixed'``: float64 fallbacks per step so far (block: of its 8 factor decompositions on
-        the MNIST MLP; full: of 1), what the trainer records as ``float64_fallbacks_per_step``."""
+        """``precision='mixed'``: float64 fallbacks per step so far (block: of the up to 2 per layer decomposed
+        this step; full: of 1), what the trainer records as ``float64_fallbacks_per_step``."""
         steps, fallbacks = self.mixed_totals
         return fallbacks / steps if steps else 0.0
 
