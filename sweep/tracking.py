@@ -2,9 +2,11 @@
 
 Why one writer: workers return metric records and the driver logs them, so trainers and workers know
 nothing of MLflow, the store sees one client, and a briefly unreachable server is handled in one
-place. Calls go through an ordered queue drained by one thread: metrics in `log_batch` chunks (<= 1000
-per call), every call retried with backoff for up to `retry_s`, so an outage delays logging and loses
-nothing. Run ids come from the server, so each trial holds a RunHandle filled in when its run exists.
+place. Calls go through an ordered queue drained by one thread, every call retried with backoff for up
+to `retry_s`, so an outage delays logging and loses nothing. What is queued when the writer gets to it
+is sent together: a run's consecutive params, metrics and tags become one `log_batch` (within MLflow's
+per-call limits) and its create and end stay calls of their own, in the run's order; runs do not wait
+on each other. Run ids come from the server, so each trial holds a RunHandle filled in when its run exists.
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 log = logging.getLogger(__name__)
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000   # MLflow's log_batch limits: 1000 metrics, 100 params, 100 tags,
+MAX_PARAMS_PER_BATCH = 100     # 1000 entities in all
+MAX_TAGS_PER_BATCH = 100
+MAX_ENTITIES_PER_BATCH = 1000
+DRAIN_MAX = 1000               # queued calls the writer takes at once (and sends merged per run)
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -45,10 +50,11 @@ class RunHandle:
 @dataclass
 class _Op:
     name: str
-    fn: Callable[[], Any]
+    fn: Callable[[], Any] | None          # None: `batch` is sent instead, merged with its run's neighbours
     handle: RunHandle | None = None
     done: threading.Event = field(default_factory=threading.Event)
     seq: int = 0  # journal records up to this one must be on disk before it is sent
+    batch: dict | None = None             # {"metrics": [...], "params": [...], "tags": [...]} for log_batch
 
 
 class Tracker:
@@ -88,9 +94,9 @@ class Tracker:
                 delay = min(delay * 2, 5.0)
 
     # ---- queued calls, in order
-    def _put(self, name: str, fn: Callable[[], Any], handle: RunHandle | None = None,
-             record: dict | None = None) -> _Op:
-        op = _Op(name, fn, handle)
+    def _put(self, name: str, fn: Callable[[], Any] | None, handle: RunHandle | None = None,
+             record: dict | None = None, batch: dict | None = None) -> _Op:
+        op = _Op(name, fn, handle, batch=batch)
         if record is not None and self.journal is not None and handle is not None and handle.key:
             op.seq = self.journal.append({**record, "key": handle.key, "attempt": handle.attempt})
         self._q.put(op)
@@ -98,28 +104,76 @@ class Tracker:
 
     def _drain(self) -> None:
         while True:
-            op = self._q.get()
-            if op is None:
+            ops = [self._q.get()]
+            while len(ops) < DRAIN_MAX and ops[-1] is not None:   # and whatever else is queued now
+                try:
+                    ops.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            stop = ops[-1] is None
+            self._send([op for op in ops if op is not None])
+            if stop:
                 return
+
+    def _send(self, ops: list[_Op]) -> None:
+        """Send `ops` in order per run: a run's consecutive batch ops wait in its bucket and go out as one
+        log_batch just before its next other call (create, end, delete) or at the end; a call of no run
+        (flush, the parent's end) first sends every bucket."""
+        seq = max((op.seq for op in ops), default=0)
+        if seq and self.journal is not None and self.dead is None:
             try:
-                if op.seq and self.journal is not None and self.dead is None:
-                    self.journal.sync(op.seq)  # one fsync for everything appended so far
-                if self.dead is not None:
-                    continue  # stopped: the journal holds what was not sent; the next run replays it
-                # a dropped attempt's run is still created (then tagged and deleted: it stays visible among
-                # the deleted runs with its attempt and node.id); its other queued records are skipped
-                if op.handle is None or not op.handle.deleted or op.name in ("create_run", "delete"):
-                    self._retry(op.fn, op.name)
-            except Exception as e:  # noqa: BLE001
-                msg = f"{op.name}: {_short(e)}"
-                log.error("tracking gave up on %s", msg)
-                self.errors.append(msg)
-                if op.handle is not None:
-                    op.handle.lost = True
-                if not _is_client_error(e):  # the server (or the disk) is gone for longer than retry_s
-                    self.dead = msg
-            finally:
+                self.journal.sync(seq)  # one fsync for everything appended so far
+            except Exception as e:  # noqa: BLE001 - e.g. a full disk: nothing is sent unjournalled
+                self._give_up(ops[0], e)
+        buckets: dict[int, list[_Op]] = {}
+        for op in ops:
+            if op.batch is not None and op.handle is not None:
+                buckets.setdefault(id(op.handle), []).append(op)
+                continue
+            for key in ([id(op.handle)] if op.handle is not None else list(buckets)):
+                self._send_bucket(buckets.pop(key, []))
+            self._run(op.name, op.fn, op.handle, [op])
+        for bucket in buckets.values():
+            self._send_bucket(bucket)
+
+    def _send_bucket(self, bucket: list[_Op]) -> None:
+        if not bucket:
+            return
+        handle = bucket[0].handle
+        merged = {k: [x for op in bucket for x in op.batch.get(k, ())] for k in ("metrics", "params", "tags")}
+        merged["tags"] = list({t.key: t for t in merged["tags"]}.values())   # a later value of a key wins
+        chunks = list(_log_batch_chunks(**merged))
+
+        def send():  # each chunk retried on its own: a chunk already written is not sent twice
+            for chunk in chunks:
+                self._retry(lambda chunk=chunk: self.client.log_batch(handle.run_id, **chunk), "log_batch")
+                handle.metrics_logged += len(chunk["metrics"])
+        self._run("+".join(dict.fromkeys(op.name for op in bucket)), send, handle, bucket, retried=True)
+
+    def _run(self, name: str, fn, handle: RunHandle | None, ops: list[_Op], retried: bool = False) -> None:
+        """One call (or merged batch) with the writer's rules: skipped once stopped or for a dropped attempt,
+        retried, and on giving up recorded (the run is marked lost; the tracker stops if the server is gone)."""
+        try:
+            if self.dead is not None:
+                return  # stopped: the journal holds what was not sent; the next run replays it
+            # a dropped attempt's run is still created (then tagged and deleted: it stays visible among
+            # the deleted runs with its attempt and node.id); its other queued records are skipped
+            if handle is None or not handle.deleted or name in ("create_run", "delete"):
+                fn() if retried else self._retry(fn, name)
+        except Exception as e:  # noqa: BLE001
+            self._give_up(ops[0], e, name)
+        finally:
+            for op in ops:
                 op.done.set()
+
+    def _give_up(self, op: _Op, e: Exception, name: str | None = None) -> None:
+        msg = f"{name or op.name}: {_short(e)}"
+        log.error("tracking gave up on %s", msg)
+        self.errors.append(msg)
+        if op.handle is not None:
+            op.handle.lost = True
+        if not _is_client_error(e):  # the server (or the disk) is gone for longer than retry_s
+            self.dead = msg
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far is written; False on timeout."""
@@ -206,30 +260,24 @@ class Tracker:
             run = self.client.create_run(experiment_id, tags={**self.default_tags, PARENT_TAG: parent_id, **tags},
                                          run_name=run_name)
             handle.run_id = run.info.run_id
-            items = [Param(k, v) for k, v in params.items()]
-            for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                self._retry(lambda: self.client.log_batch(handle.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH]),
-                            "log_params")
         self._put("create_run", create, handle, {"op": "start", "name": run_name, "tags": tags, "params": params})
+        if params:  # sent with the run's first metrics and tags when they are queued by then
+            self._put("log_params", None, handle, batch={"params": [Param(k, v) for k, v in params.items()]})
         return handle
 
     def log_metrics(self, handle: RunHandle, metrics: Iterable[tuple[str, float, int]]) -> None:
-        """(key, value, step) triples, sent in chunks of <= 1000."""
+        """(key, value, step) triples; journalled in chunks of <= 1000, sent merged with the run's
+        neighbouring records (`_send`)."""
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             chunk = items[i:i + MAX_METRICS_PER_BATCH]
-
-            def send(chunk=chunk):
-                self.client.log_batch(handle.run_id, metrics=chunk)
-                handle.metrics_logged += len(chunk)
-            self._put("log_metrics", send, handle,
-                      {"op": "metrics", "m": [[m.key, m.value, m.step] for m in chunk]})
+            self._put("log_metrics", None, handle, {"op": "metrics", "m": [[m.key, m.value, m.step] for m in chunk]},
+                      batch={"metrics": chunk})
 
     def set_tags(self, handle: RunHandle, tags: dict) -> None:
-        self._put("set_tags", lambda: self.client.log_batch(
-            handle.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]), handle,
-            {"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+        self._put("set_tags", None, handle, {"op": "tags", "tags": {k: str(v) for k, v in tags.items()}},
+                  batch={"tags": [RunTag(k, str(v)) for k, v in tags.items()]})
 
     def end(self, handle: RunHandle, status: str) -> None:
         """FINISHED only when every earlier record of the run was acknowledged (the queue is ordered);
@@ -278,6 +326,18 @@ class Tracker:
             return handle
         finally:
             self.journal = journal
+
+
+def _log_batch_chunks(metrics: list, params: list, tags: list):
+    """log_batch keyword arguments within MLflow's per-call limits, in order: params and tags first
+    (a run's params come before its metrics), then metrics."""
+    metrics, params, tags = list(metrics), list(params), list(tags)
+    while metrics or params or tags:
+        p, params = params[:MAX_PARAMS_PER_BATCH], params[MAX_PARAMS_PER_BATCH:]
+        t, tags = tags[:MAX_TAGS_PER_BATCH], tags[MAX_TAGS_PER_BATCH:]
+        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(p) - len(t))
+        m, metrics = metrics[:room], metrics[room:]
+        yield {"metrics": m, "params": p, "tags": t}
 
 
 def _is_client_error(e: Exception) -> bool:

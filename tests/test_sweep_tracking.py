@@ -88,3 +88,50 @@ def test_a_request_the_server_rejects_is_not_retried_forever(mlflow_server):
         assert time.monotonic() - t0 < 10
     finally:
         tracker.close(timeout=5)
+
+
+def test_queued_records_go_out_merged_per_run_in_each_runs_order(mlflow_server):
+    """What is queued when the writer gets to it goes out as one log_batch per run between its create and
+    its end (within MLflow's limits: 1000 metrics, 100 params, 100 tags a call), runs interleaved in the
+    queue included; what the server holds afterwards is exactly what was logged."""
+    tracker = Tracker(mlflow_server.uri, retry_s=120)
+    calls = []
+    real = tracker.client.log_batch
+    tracker.client.log_batch = lambda run_id, **kw: (calls.append((run_id, {k: len(v) for k, v in kw.items()})),
+                                                     real(run_id, **kw))[1]
+    try:
+        exp = tracker.experiment_id(f"merged-{time.time_ns()}")
+        parent = tracker.create_parent(exp, "parent", {"sweep.id": "x"})
+        gate = threading.Event()
+        tracker._put("held", gate.wait)  # the writer is busy: everything below is queued together
+        params = {f"p{i:03d}": str(i) for i in range(150)}   # > 100: two calls' worth
+        a = tracker.start_child(exp, parent, "a", {"trial.key": "a"}, params)
+        b = tracker.start_child(exp, parent, "b", {"trial.key": "b"}, {"optimizer.lr": "0.1"})
+        for s in range(0, 1200, 100):                       # two runs' records interleaved, as two workers do
+            tracker.log_metrics(a, [("loss", float(s), s), ("acc", s / 1e4, s)])
+            tracker.log_metrics(b, [("loss", -float(s), s)])
+        tracker.log_metrics(a, [(f"m{i}", float(i), 0) for i in range(1500)])   # > 1000 in one record
+        tracker.set_tags(a, {"status": "running"})
+        tracker.set_tags(a, {"status": "finished"})          # the later value wins, as two calls would
+        tracker.set_tags(b, {"status": "finished"})
+        tracker.end(a, "FINISHED")
+        tracker.end(b, "FINISHED")
+        gate.set()
+        assert tracker.flush(timeout=60) and tracker.errors == []
+        # a: 150 params + 24 + 1500 metrics + 1 tag -> 1000-entity calls: (100 p, 1 t, 899 m), (50 p, 625 m) ...
+        sent_a = [c for r, c in calls if r == a.run_id]
+        assert sum(c["params"] for c in sent_a) == 150 and sum(c["metrics"] for c in sent_a) == 1524
+        assert all(c["params"] <= 100 and c["tags"] <= 100 and sum(c.values()) <= 1000 for c in sent_a)
+        assert len(sent_a) == 2, sent_a                       # 1675 entities: the fewest calls the limits allow
+        assert [c for r, c in calls if r == b.run_id] == [{"metrics": 12, "params": 1, "tags": 1}]
+        client = MlflowClient(mlflow_server.uri)
+        run_a, run_b = client.get_run(a.run_id), client.get_run(b.run_id)
+        assert run_a.data.params == params and run_a.data.tags["status"] == "finished"
+        assert run_a.info.status == run_b.info.status == "FINISHED"
+        assert sorted((m.step, m.value) for m in client.get_metric_history(a.run_id, "loss")) == \
+            [(s, float(s)) for s in range(0, 1200, 100)]
+        assert sorted((m.step, m.value) for m in client.get_metric_history(b.run_id, "loss")) == \
+            [(s, -float(s)) for s in range(0, 1200, 100)]
+        assert run_a.data.metrics["m1499"] == 1499.0 and len(run_a.data.metrics) == 1502
+    finally:
+        tracker.close(timeout=5)
