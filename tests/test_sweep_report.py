@@ -170,3 +170,26 @@ def test_shared_legend_stays_inside_the_figure_and_below_the_panels(n_labels, wi
     lowest_panel = min(ax.get_tightbbox(renderer).y0 for ax in axes.flat)   # x label included
     assert legend.y1 <= lowest_panel, (legend.y1, lowest_panel)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("gains", [GAINS, [1.0]])
+def test_curves_figure_keeps_every_label_inside_and_the_legend_below(tmp_path, monkeypatch, gains):
+    """The panels' margins are fixed in inches (no tight_layout pass): nothing the figure draws may fall
+    outside it, and the legend sits under the lowest panel's x label; extents measured as drawn."""
+    df = _trials()
+    df = df[df["gain"].isin(gains)].assign(variant=lambda d: d["variant"] + " damping=1e-05 clip=None")
+    h = _histories(df, sorted({0, *np.unique(np.round(np.logspace(0, 2, 30)).astype(int))}))
+    kept = []
+    monkeypatch.setattr(report.plt, "close", kept.append)
+    assert report.plot_curves(df, h, tmp_path / "c.png", "synthetic")
+    fig = kept[0]
+    fig.canvas.draw()
+    renderer, box = fig.canvas.get_renderer(), fig.bbox
+    for ax in fig.axes:
+        b = ax.get_tightbbox(renderer)   # tick labels, axis labels and title included
+        assert box.x0 - 1 <= b.x0 and b.x1 <= box.x1 + 1 and box.y0 - 1 <= b.y0 and b.y1 <= box.y1 + 1, b
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert box.x0 <= legend.x0 and legend.x1 <= box.x1 and box.y0 <= legend.y0
+    assert legend.y1 <= min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+    monkeypatch.undo()
+    report.plt.close(fig)
