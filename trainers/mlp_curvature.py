@@ -58,6 +58,7 @@ from trainers.matrix_functions import (
     depth_scale,
     GramTerm,
     finish_directions,
+    graded_eigh,
     graded_power_apply,
     mixed_eigh_psd,
     one_grade,
@@ -264,10 +265,15 @@ class CurvaturePreconditioner:
         thin = [ab.shape[1] > bsz for ab in b["abars"]]
         amort = self.amortised
         stale = amort.stale(rows, bsz) if amort is not None else [None] * len(rows)
-        todo = [(r, False) for r, s in zip(rows, stale) if s is None] + [(ab, t) for ab, t in zip(b["abars"], thin)]
+        # each input factor's activation scale against its bias entry (1): one host sync for all layers
+        covs = torch.stack([ab[:, :-1].to(torch.float64).square().mean(dim=0).max() for ab in b["abars"]]).tolist()
+        graded = [None if one_grade([1.0, cov]) else _graded_input_factor(ab, bsz, t)   # None: one grade
+                  for ab, t, cov in zip(b["abars"], thin, covs)]
+        todo = [(r, False) for r, s in zip(rows, stale) if s is None] + \
+            [(ab, t) for ab, t, gr in zip(b["abars"], thin, graded) if gr is None]
         eigs = self._decompose(todo, bsz)
         lefts = [s if s is not None else eigs.pop(0) for s in stale]
-        rights = eigs
+        rights = [gr if gr is not None else eigs.pop(0) for gr in graded]
         dirs, checks, ranks = [], [], []
         for i, mod in enumerate(linears):
             g = None if fused else torch.cat([mod.weight.grad, mod.bias.grad[:, None]], dim=1).to(cd)
@@ -327,15 +333,21 @@ class CurvaturePreconditioner:
         b, cd = self._batch, self.compute_dtype
         ab, e, bsz = b["abars"][i], b["errors"][i], b["bsz"]
         root_b, scale = math.sqrt(bsz), depth_scale(self.q, self.d)
-        (mu, u_g), (lam, vecs) = left, right
+        (mu, u_g), (lam, vecs, *graded) = left, right
         rtol = self._rtol(i)
-        f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
+        if graded:       # A's grades (bias; activations): the cut-off relative to each eigenvalue's own grade
+            grade, ab, basis = graded[0]["grade"], graded[0]["abar"], graded[0]["basis"]
+            lam_ref = torch.stack([lam[grade == k].max() for k in range(int(grade.max()) + 1)])[grade]
+            keep = (lam > rtol * lam_ref)[None, :] & (mu > rtol * mu.max())[:, None]
+            f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, 0.0) * keep
+        else:
+            f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
         sketch = None
         if thin:                                                  # through the B x B Gram, vecs = V
             if g is None:
-                x = e.mT
+                x = e.mT if not graded else e.mT @ basis          # graded: V is in the basis [1/sqrt(B), Q]
             else:
-                keep = lam > rtol * lam.max()
+                keep = lam > rtol * (lam_ref if graded else lam.max())
                 inv = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).reciprocal(),
                                   torch.zeros_like(lam)).to(cd)
                 x = ((g @ ab.mT) @ vecs) * inv / root_b @ vecs.mT
@@ -469,6 +481,42 @@ def _output_hessian_roots(f, y, loss):
     roots = (roots @ house).mT[keep].reshape(bsz, c - 1, c).mT                        # (B, C, C-1)
     u = (house @ u[:, :, None])[:, :, 0][keep].reshape(bsz, c - 1)
     return roots, u
+
+
+def _graded_input_factor(ab, bsz, thin):
+    """A layer's input factor ``A = abar^T abar / B`` decomposed grade by grade, for when its bias and
+    activation parts do not fit in one float64 matrix.
+
+    ``abar = [a | 1]``: the bias entry of A is 1, the activations' covariance ~ a^2 (gain^(2(l-1)) for
+    layer l at initial gain g: 1e-36 for layer 4 at 1e-6), so one eigh resolves the activation
+    directions only to ~1e-16 of the bias's and the Moore-Penrose cut-off drops them: the deep layers'
+    weight directions were 25-96 % off at gain 1e-6 (docs/curvature.md). Here the bias direction is split
+    off exactly (:func:`graded_eigh`: two grades, the Riccati decoupling of the full rule):
+    - small input (m <= B): A itself with the bias coordinate first (a permutation: the eigenvectors go
+      back exactly);
+    - thin (m > B): the B x B Gram in the orthonormal basis ``[1/sqrt(B), Q]`` of the batch (Q: the
+      complement of the ones vector), where ``basis^T abar = [[sqrt(B) mean(a), sqrt(B)], [Q^T a, 0]]``
+      holds the structural zero exactly, so no activation entry is ever added to a bias one. The
+      eigenvectors stay in that basis: ``abar`` and the errors are rotated into it instead.
+    Used where ``mean(a^2)`` of some activation is below ``GRADE_GAP`` (the caller's ``one_grade``
+    check). Returns ``(evals, evecs, {"grade", "abar", "basis"})``: evals float64, evecs and abar in
+    abar's dtype."""
+    a = ab[:, :-1].to(torch.float64)
+    if thin:
+        basis = torch.linalg.qr(torch.ones(bsz, 1, dtype=torch.float64, device=ab.device), mode="complete").Q
+        top = basis[:, :1].mT @ a                                   # sqrt(B) mean(a), up to the sign of basis
+        rot = torch.cat([torch.cat([top, basis[:, :1].sum(0, keepdim=True)], 1),
+                         torch.cat([basis[:, 1:].mT @ a, a.new_zeros(bsz - 1, 1)], 1)])
+        lam, vecs, grade = graded_eigh(rot @ rot.mT / bsz, [1, bsz - 1])
+        extra = {"grade": grade, "abar": rot.to(ab.dtype), "basis": basis.to(ab.dtype)}
+        return lam, vecs.to(ab.dtype), extra
+    m = ab.shape[1]
+    perm = torch.cat([torch.tensor([m - 1]), torch.arange(m - 1)]).to(ab.device)
+    abp = ab.to(torch.float64)[:, perm]
+    lam, vecs_p, grade = graded_eigh(abp.mT @ abp / bsz, [1, m - 1])
+    vecs = torch.empty_like(vecs_p)
+    vecs[perm] = vecs_p
+    return lam, vecs.to(ab.dtype), {"grade": grade, "abar": ab, "basis": None}
 
 
 def _max_abs(t):
