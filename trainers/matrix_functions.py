@@ -385,11 +385,9 @@ def _graded_blocks_apply(h, sizes, rhs, q, damping, last_cut=0.0, last_eigh=None
     """``f(h) rhs`` for a PSD ``h`` whose diagonal blocks (``sizes``) are graded: block 0's eigenvalues exceed
     everything coupled to it by >= 1/GRADE_GAP, and so on down. No entry ever mixes two grades.
 
-    Block 0 is split off exactly by the orthogonal ``U = [[I, -X^T], [X, I]] diag(N0, N1)`` with
-    ``N0 = (I + X^T X)^(-1/2)``, ``N1 = (I + X X^T)^(-1/2) = I + X phi(X^T X) X^T``, X solving the Riccati
-    equation ``X h00 = h10 + h11 X - X h01 X`` (fixed point from ``h10 h00^-1``; each sweep gains about
-    the grade ratio), then the rest is treated the same way. Small grades' entries are only multiplied
-    by the coupling, never added to large ones. Eigenvalues of the last block <= ``last_cut`` are dropped.
+    Block 0 is split off exactly (:func:`_split_grade`: the orthogonal Riccati decoupling), then the rest
+    is treated the same way. Small grades' entries are only multiplied by the coupling, never added to
+    large ones. Eigenvalues of the last block <= ``last_cut`` are dropped.
     """
     if len(sizes) == 1:
         lam, vecs = eigh_psd(h) if last_eigh is None else last_eigh(h, last_cut)

@@ -338,8 +338,8 @@ class CurvaturePreconditioner:
         if graded:       # A's grades (bias; activations): the cut-off relative to each eigenvalue's own grade
             grade, ab, basis = graded[0]["grade"], graded[0]["abar"], graded[0]["basis"]
             lam_ref = torch.stack([lam[grade == k].max() for k in range(int(grade.max()) + 1)])[grade]
-            keep = (lam > rtol * lam_ref)[None, :] & (mu > rtol * mu.max())[:, None]
-            f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, 0.0) * keep
+            kept = (lam > rtol * lam_ref)[None, :] & (mu > rtol * mu.max())[:, None]
+            f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, 0.0) * kept
         else:
             f = spectral_factor(mu[:, None] * lam[None, :], self.q, self.damping, rtol)
         sketch = None
